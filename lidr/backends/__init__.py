@@ -1,0 +1,40 @@
+"""Generation engines behind one interface: `generate(prompts, max_new_tokens=, stops=,
+repetition_penalty=) -> list[Generation]` and `count_tokens(text)`. The stages only see
+this interface; `run_batched` feeds them length-sorted batches."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+from lidr.backends.hf import Generation, HFBackend
+
+
+def make_backend(name: str, model_path, dtype: str = "auto", trust_remote_code: bool = False):
+    if name == "hf":
+        return HFBackend(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    raise ValueError(f"unknown generation backend {name!r} (available: hf)")
+
+
+def run_batched(
+    backend,
+    items: Iterable[tuple[object, str, list[str]]],
+    *,
+    batch_size: int,
+    on_result: Callable[[object, Generation], None],
+    advance: Callable[[int], None] = lambda n: None,
+    **gen_kwargs,
+) -> None:
+    """Generate for (key, prompt, stop strings) items in batches of similar prompt length.
+
+    Sorting by length keeps padding (wasted compute) small; rows of different languages
+    share a batch (each row has its own stop strings), since on a CPU one decoding step
+    costs about the same for 1 or 64 rows (reading the weights dominates). Results go to
+    `on_result` batch by batch, so the caller can write them as they come.
+    """
+    items = sorted(items, key=lambda item: backend.count_tokens(item[1]))
+    for start in range(0, len(items), batch_size):
+        batch = items[start : start + batch_size]
+        outs = backend.generate([p for _, p, _ in batch], stops=[s for _, _, s in batch], **gen_kwargs)
+        for (key, _, _), out in zip(batch, outs):
+            on_result(key, out)
+        advance(len(batch))

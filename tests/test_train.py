@@ -1,0 +1,292 @@
+"""Stage 4 (lidr.pipeline.train): the loss equals TRL's DPO+SFT loss, training runs and saves,
+log-probs are taken on response tokens only, long pairs are truncated.
+
+Everything runs on a tiny random Gemma 3 model and a word-level tokenizer built here (no Hub)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import lidr.pipeline.train as train_mod
+from lidr.config import LoraConfig, TrainingConfig
+from lidr.pipeline.train import (
+    Pair,
+    ResponseLogProbs,
+    collate,
+    dpo_nll_loss,
+    resolve_dtype,
+    tokenize_pairs,
+    train_dpo_nll,
+    truncate,
+)
+
+WORDS = """Question : What is the capital of France ? Answer Paris is the capital . La capital de Francia es
+París Die Hauptstadt von Frankreich ist the cat sat on mat and dog ran in park one two three four five six seven
+eight nine ten hola mundo gracias por favor bonjour merci danke schön""".split()
+
+Q = "<s>Question : {} Answer :"
+# Chosen answers of different lengths, so TRL's batch-level NLL differs from the per-pair one.
+EXAMPLES = [
+    {"prompt": Q.format("What is the capital of France ?"), "chosen": " Paris is the capital .</s>",
+     "rejected": " the cat sat on the mat</s>"},
+    {"prompt": Q.format("hola mundo"), "chosen": " hola mundo gracias</s>",
+     "rejected": " one two three four five six seven</s>"},
+    {"prompt": Q.format("La capital de Francia ?"), "chosen": " La capital de Francia es París .</s>",
+     "rejected": " dog</s>"},
+    {"prompt": Q.format("Die Hauptstadt von Frankreich ?"), "chosen": " Die Hauptstadt ist Paris</s>",
+     "rejected": " merci danke schön bonjour</s>"},
+    {"prompt": Q.format("one two three ?"), "chosen": " four five six</s>", "rejected": " ten nine</s>"},
+    {"prompt": Q.format("bonjour"), "chosen": " bonjour merci</s>", "rejected": " the park and the dog</s>"},
+    {"prompt": Q.format("gracias"), "chosen": " por favor</s>", "rejected": " cat cat cat</s>"},
+    {"prompt": Q.format("the dog ?"), "chosen": " the dog ran in the park .</s>", "rejected": " eight</s>"},
+]
+BETA, ALPHA = 0.7, 0.3  # neither is 1, so a misplaced factor shows
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # A tiny model gains nothing from threads, and on a busy 2-core machine they stall each other.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A random 2-layer Gemma 3 (with logit soft-capping) and a word-level tokenizer, saved together."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny")
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([" ".join(WORDS)], trainers.WordLevelTrainer(special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=16, max_position_embeddings=256, sliding_window=64,
+        final_logit_softcapping=30.0, bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+    )
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+def _load(path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def _trl_trainer(model, ref_model, tok, examples, tmp_path, peft_config=None):
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    args = DPOConfig(
+        output_dir=str(tmp_path / "trl"), beta=BETA, loss_type=["sigmoid", "sft"], loss_weights=[1.0, ALPHA],
+        max_length=None, bf16=False, use_cpu=True, gradient_checkpointing=False, report_to="none",
+        per_device_train_batch_size=len(examples),
+    )
+    return DPOTrainer(model=model, ref_model=ref_model, args=args, processing_class=tok,
+                      train_dataset=Dataset.from_list(examples), peft_config=peft_config)
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_loss_matches_trl(tiny, tmp_path, lora):
+    """Same model, same pairs: our DPO+NLL equals TRL's loss_type=["sigmoid","sft"], loss_weights=[1, α].
+    π differs from π_ref (non-zero LoRA B / a perturbed reference), so β matters."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    tok, lm = _load(tiny)
+    examples = EXAMPLES[:3]
+    torch.manual_seed(1)
+    ref_lm = None
+    if not lora:  # full fine-tuning: a separate, perturbed reference model
+        ref_lm = _load(tiny)[1]
+        with torch.no_grad():
+            for p in ref_lm.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    # With a peft_config TRL adds a fresh adapter and its reference is the base model (adapters
+    # disabled), as ours. (A PeftModel passed in would get a frozen copy of its adapter as reference.)
+    peft_config = PeftLoraConfig(r=4, lora_alpha=8, target_modules="all-linear") if lora else None
+    trainer = _trl_trainer(lm, ref_lm, tok, examples, tmp_path, peft_config)
+    policy_lm = trainer.model
+    if lora:
+        with torch.no_grad():  # B starts at 0 (π = π_ref): make the adapter do something
+            for name, p in policy_lm.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1)
+    ref_ctx = policy_lm.disable_adapter if lora else None
+    policy_lm.train()
+
+    pairs, _ = tokenize_pairs(tok, examples, max_length=512)
+    for i, pair in enumerate(pairs):  # TRL tokenized the text the same way
+        row = trainer.train_dataset[i]
+        assert (row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]) == (pair.prompt, pair.chosen, pair.rejected)
+
+    def ours(index):
+        batch = collate(pairs, index, tok.pad_token_id)
+        with torch.no_grad():
+            if ref_ctx is not None:
+                with ref_ctx():
+                    ref, _ = ResponseLogProbs(policy_lm)(**batch)
+            else:
+                ref, _ = ResponseLogProbs(ref_lm)(**batch)
+        logps, ntok = ResponseLogProbs(policy_lm)(**batch)
+        return logps, ntok, dpo_nll_loss(logps, ref, ntok, BETA, ALPHA)
+
+    def theirs(index):
+        return trainer.compute_loss(policy_lm, trainer.data_collator([trainer.train_dataset[i] for i in index]))
+
+    # One pair per batch: both NLL definitions coincide, so the whole loss must match.
+    for i in range(len(pairs)):
+        assert ours([i])[2][0].item() == pytest.approx(theirs([i]).item(), rel=1e-4)
+
+    # Several pairs of unequal length: TRL's "sft" term is the token mean over the whole batch,
+    # ours the mean of per-pair token means (the method's formula). Rebuild TRL's from our log-probs.
+    logps, ntok, (loss, terms) = ours([0, 1, 2])
+    chosen, chosen_ntok = logps.chunk(2)[0], ntok.chunk(2)[0]
+    trl_formula = terms["dpo"].mean() + ALPHA * (-chosen.sum() / chosen_ntok.sum())
+    assert theirs([0, 1, 2]).item() == pytest.approx(trl_formula.item(), rel=1e-4)
+    assert loss.item() == pytest.approx((terms["dpo"] + ALPHA * terms["nll"]).mean().item(), rel=1e-6)
+    logged = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    assert logged["rewards/chosen"] == pytest.approx(terms["chosen"].mean().item(), rel=1e-4, abs=1e-6)
+    assert logged["rewards/margins"] == pytest.approx((terms["chosen"] - terms["rejected"]).mean().item(), rel=1e-4)
+    assert abs(logged["rewards/margins"]) > 1e-3  # not the trivial π = π_ref case
+
+    # Gradients agree too (one pair, where the losses are the same function).
+    params = [p for p in policy_lm.parameters() if p.requires_grad]
+    g_ours = torch.autograd.grad(ours([0])[2][0], params)
+    g_trl = torch.autograd.grad(theirs([0]), params)
+    for a, b in zip(g_ours, g_trl):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+
+
+def test_response_logps_equal_full_logits(tiny, monkeypatch):
+    """Head on response positions only == full logits' log_softmax gathered at response tokens."""
+    tok, lm = _load(tiny)
+    pairs, _ = tokenize_pairs(tok, EXAMPLES[:4], max_length=512)
+    batch = collate(pairs, [0, 1, 2, 3], tok.pad_token_id)
+    sel = batch["response_mask"].bool()
+    assert batch["input_ids"][0][sel[0]].tolist() == pairs[0].chosen  # the mask marks exactly the response
+    assert batch["input_ids"][4][sel[4]].tolist() == pairs[0].rejected
+
+    logits = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    per_token = logits[:, :-1].log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+    expected = (per_token * batch["response_mask"][:, 1:]).sum(1)
+    logps, ntok = ResponseLogProbs(lm)(**batch)
+    torch.testing.assert_close(logps, expected, rtol=1e-5, atol=1e-5)
+    assert ntok.tolist() == [len(p.chosen) for p in pairs] + [len(p.rejected) for p in pairs]
+
+    # The chunked, recomputed head (for long batches) gives the same values and gradients.
+    grads = torch.autograd.grad(logps.sum(), lm.model.layers[0].mlp.up_proj.weight)
+    monkeypatch.setattr(train_mod, "LOGITS_BLOCK", 3 * lm.config.vocab_size)
+    chunked, _ = ResponseLogProbs(lm)(**batch)
+    torch.testing.assert_close(chunked, logps, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(torch.autograd.grad(chunked.sum(), lm.model.layers[0].mlp.up_proj.weight), grads)
+
+
+def _cfg(**kw):
+    base = dict(beta=BETA, nll_weight=ALPHA, dtype="float32", max_length=128)
+    return TrainingConfig(**{**base, **kw})
+
+
+def test_train_lora_end_to_end(tiny, tmp_path):
+    calls = []
+    cfg = _cfg(learning_rate=1e-3, epochs=5, batch_size=2, gradient_accumulation=2, lora=LoraConfig(r=8, alpha=16))
+    summary = train_dpo_nll(tiny, EXAMPLES, tmp_path / "model", cfg, seed=0, log_dir=tmp_path / "log",
+                            progress=lambda s, n, m: calls.append((s, n)))
+
+    lines = [json.loads(x) for x in (tmp_path / "log/metrics.jsonl").read_text().splitlines()]
+    assert summary["steps"] == len(lines) == 10  # 8 pairs / (2 x 2) per step x 5 epochs
+    assert calls == [(s, 10) for s in range(1, 11)]
+    fields = {"step", "epoch", "lr", "loss", "dpo_loss", "nll_loss", "reward_chosen", "reward_rejected",
+              "reward_margin", "reward_accuracy", "seconds"}
+    assert all(fields <= set(line) for line in lines)
+    assert lines[0]["dpo_loss"] == pytest.approx(math.log(2), rel=1e-5)  # π = π_ref at the first step
+    assert json.loads((tmp_path / "log/summary.json").read_text()) == summary
+    assert summary["final"]["loss"] < summary["initial"]["loss"]
+    assert summary["final_reward_accuracy"] > 0.5 and summary["final_reward_margin"] > 0
+
+    # The saved model is a plain causal LM (LoRA merged) and scores the pairs as the trained policy did.
+    tok, base = _load(tiny)
+    _, trained = _load(tmp_path / "model")
+    assert not any("lora" in name for name, _ in trained.named_parameters())
+    pairs, _ = tokenize_pairs(tok, EXAMPLES, max_length=128)
+    batch = collate(pairs, list(range(len(pairs))), tok.pad_token_id)
+    with torch.no_grad():
+        ref, _ = ResponseLogProbs(base)(**batch)
+        logps, ntok = ResponseLogProbs(trained)(**batch)
+    loss, _ = dpo_nll_loss(logps, ref, ntok, BETA, ALPHA)
+    assert loss.item() == pytest.approx(summary["final"]["loss"], rel=1e-4)
+
+
+def test_train_full_finetuning_one_step_replaces_out_dir(tiny, tmp_path):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "stale.txt").write_text("from an older run")
+    cfg = _cfg(learning_rate=1e-3, batch_size=4, warmup_ratio=0.0, lora=None)
+    summary = train_dpo_nll(tiny, EXAMPLES[:4], out, cfg, seed=0, log_dir=tmp_path / "log")
+    assert summary["steps"] == 1 and not summary["lora"]
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors").exists()
+    assert not list(tmp_path.glob(".model.*"))  # no temporary folders left behind
+    _, base = _load(tiny)
+    _, trained = _load(out)
+    assert trained.dtype == torch.float32
+    assert not torch.equal(base.model.layers[0].mlp.up_proj.weight, trained.model.layers[0].mlp.up_proj.weight)
+
+
+def test_bf16_lora_saves_bf16(tiny, tmp_path):
+    cfg = _cfg(dtype="bfloat16", batch_size=4, learning_rate=1e-3, lora=LoraConfig(r=2, alpha=4))
+    summary = train_dpo_nll(tiny, EXAMPLES[:4], tmp_path / "model", cfg, seed=0, log_dir=tmp_path / "log")
+    assert summary["dtype"] == "bfloat16" and math.isfinite(summary["final"]["loss"])
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "model/model.safetensors", "pt") as f:  # merged, saved in the training dtype
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+
+
+def test_truncate_rules():
+    bos = 1
+    long_prompt = [bos] + list(range(10, 40))  # 31 tokens
+    # prompt cut from the left (BOS kept) until the longest response fits
+    p = truncate(Pair(long_prompt, [5] * 5, [6] * 8), 16, bos)
+    assert p[0].prompt == [bos] + long_prompt[-7:] and len(p[0].rejected) == 8 and p[1:] == (True, False)
+    # the prompt keeps half the budget; the responses lose their ends
+    p = truncate(Pair(long_prompt, list(range(30)), [6] * 3), 16, bos)
+    assert len(p[0].prompt) == 8 and p[0].chosen == list(range(8)) and p[0].rejected == [6] * 3
+    assert p[1:] == (True, True)
+    # a short prompt is kept whole
+    p = truncate(Pair([bos, 2, 3], list(range(40)), [6]), 16, bos)
+    assert p[0].prompt == [bos, 2, 3] and p[0].chosen == list(range(13)) and p[1:] == (False, True)
+    # nothing to do
+    pair = Pair([bos, 2], [3], [4])
+    assert truncate(pair, 16, bos) == (pair, False, False)
+
+
+def test_train_truncates_long_pair(tiny, tmp_path):
+    long = {"prompt": Q.format(" ".join(WORDS[:30])), "chosen": " " + " ".join(WORDS[30:50]) + "</s>",
+            "rejected": " dog</s>"}
+    cfg = _cfg(max_length=16, batch_size=2, lora=LoraConfig(r=2, alpha=4))
+    summary = train_dpo_nll(tiny, [long, EXAMPLES[4]], tmp_path / "model", cfg, seed=0, log_dir=tmp_path / "log")
+    assert summary["truncated_pairs"] == 1 and summary["truncated_prompts"] == 1 and summary["truncated_responses"] == 1
+    assert summary["steps"] == 1 and math.isfinite(summary["final"]["loss"])
+
+
+def test_empty_examples_raise(tiny, tmp_path):
+    with pytest.raises(ValueError, match="no preference pairs"):
+        train_dpo_nll(tiny, [], tmp_path / "model", _cfg(), seed=0, log_dir=tmp_path / "log")
+
+
+def test_resolve_dtype():
+    assert resolve_dtype("float32") == torch.float32
+    assert resolve_dtype("bfloat16") == torch.bfloat16
+    assert resolve_dtype("auto") in (torch.float32, torch.bfloat16)
