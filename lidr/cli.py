@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
 import typer
+
+# Library chatter (weight-loading bars, deprecation notes) would drown lidr's own progress.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+warnings.filterwarnings("ignore", category=FutureWarning)
 
 from lidr.config import ConfigError, config_reference, dump_config, load_config
 from lidr.console import console

@@ -68,7 +68,7 @@ class PromptsConfig(_Section):
             "instruction per row, or 'hf:<dataset id>' (needs network and `datasets`)."
         ),
     )
-    per_iteration: int = Field(12, ge=1, description="Fresh prompts per language per iteration.")
+    per_iteration: int = Field(8, ge=1, description="Fresh prompts per language per iteration (paper: 1000).")
     id_field: str = Field("id", description="Field holding the prompt id (rows with one id are translations).")
     text_field: str = Field("instruction", description="Field holding the instruction text.")
     translation_task_ids: str | None = Field(
