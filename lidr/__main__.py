@@ -1,0 +1,3 @@
+from lidr.cli import app
+
+app()

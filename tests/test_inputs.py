@@ -1,0 +1,127 @@
+"""Bad input is rejected before any model loads, naming file, line and field."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from lidr.config import PromptsConfig, load_config
+from lidr.models import ModelError, check_model_spec, resolve_model
+from lidr.prompts import PromptsWarning, check_enough, load_prompts
+from lidr.records import RecordError
+
+LANGS = ["en", "es"]
+
+
+def _write(folder, lang, rows):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{lang}.jsonl").write_text("".join(r if isinstance(r, str) else json.dumps(r) + "\n" for r in rows))
+
+
+def _good(folder, n=4, langs=LANGS):
+    for lang in langs:
+        _write(folder, lang, [{"id": f"p{i}", "instruction": f"{lang} instruction {i}"} for i in range(n)])
+
+
+def test_folder_source_loads_parallel_prompts(tmp_path):
+    _good(tmp_path)
+    ps = load_prompts(PromptsConfig(source=str(tmp_path)), LANGS)
+    assert ps.ids == ["p0", "p1", "p2", "p3"]
+    assert ps.text["es"]["p2"] == "es instruction 2"
+    assert ps.slice(2, 2) == ["p2", "p3"]  # fresh prompts for iteration 2
+
+
+def test_json_list_files_and_several_folders(tmp_path):
+    for lang in LANGS:
+        (tmp_path / "a").mkdir(exist_ok=True)
+        (tmp_path / "a" / f"{lang}.json").write_text(json.dumps([{"id": 1, "instruction": f"{lang} one"}]))
+    _write(tmp_path / "b", "en", [{"id": 2, "instruction": "en two"}])
+    _write(tmp_path / "b", "es", [{"id": 2, "instruction": "es two"}])
+    ps = load_prompts(PromptsConfig(source=[str(tmp_path / "a"), str(tmp_path / "b")]), LANGS)
+    assert ps.ids == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "rows, needle",
+    [
+        (['{"id": "p0", "instruction": "ok"}\n', '{"id": "p1", "instruction": \n'], "es.jsonl:2: malformed JSON"),
+        ([{"id": "p0", "instruction": "ok"}, {"instruction": "no id"}], "es.jsonl:2: missing field 'id'"),
+        ([{"id": "p0", "instruction": "ok"}, {"id": "p0", "instruction": "again"}],
+         "es.jsonl:2: duplicate id 'p0' in field 'id' (first at line 1)"),
+        ([{"id": "p0", "instruction": "   "}], "es.jsonl:1: field 'instruction' is missing or empty"),
+    ],
+)
+def test_bad_rows_name_file_line_and_field(tmp_path, rows, needle):
+    _good(tmp_path, langs=["en"])
+    _write(tmp_path, "es", rows)
+    with pytest.raises(RecordError) as e:
+        load_prompts(PromptsConfig(source=str(tmp_path)), LANGS)
+    assert needle in str(e.value)
+
+
+def test_missing_language_file(tmp_path):
+    _good(tmp_path, langs=["en"])
+    with pytest.raises(RecordError, match="no prompts for language 'es'.*found: en"):
+        load_prompts(PromptsConfig(source=str(tmp_path)), LANGS)
+
+
+def test_ids_not_parallel_warns_and_uses_the_intersection(tmp_path):
+    _write(tmp_path, "en", [{"id": i, "instruction": f"en {i}"} for i in range(5)])
+    _write(tmp_path, "es", [{"id": i, "instruction": f"es {i}"} for i in (0, 2, 4, 7)])
+    with pytest.warns(PromptsWarning, match=r"en: 5, es: 4\); using the 3 ids present in all"):
+        ps = load_prompts(PromptsConfig(source=str(tmp_path)), LANGS)
+    assert ps.ids == [0, 2, 4]
+
+
+def test_not_enough_prompts_for_the_iterations(tmp_path):
+    _good(tmp_path, n=5)
+    cfg = load_config(None, [f"prompts.source={tmp_path}", "prompts.per_iteration=3", "iterations=2",
+                             "languages.others=[es]"])
+    with pytest.raises(RecordError, match="need 6 parallel ids, but the source has 5"):
+        check_enough(load_prompts(cfg.prompts, cfg.languages.all), cfg)
+
+
+def test_builtin_demo_prompts_are_parallel_in_four_languages():
+    ps = load_prompts(PromptsConfig(), ["en", "es", "de", "fr"])
+    assert len(ps.ids) >= 32 and not ps.notes
+    with pytest.raises(RecordError, match="built-in demo prompts have no ja"):
+        load_prompts(PromptsConfig(), ["en", "ja"])
+
+
+def test_model_paths_are_checked(tmp_path, monkeypatch):
+    with pytest.raises(ModelError, match="model path not found"):
+        check_model_spec(str(tmp_path / "missing-model"))
+    with pytest.raises(ModelError, match="not found"):
+        check_model_spec("./nothing/here.gguf")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="no config.json"):
+        check_model_spec(str(tmp_path / "empty"))
+    # A Hub id with no network fails at once with a clear message (no retry loop).
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(ModelError, match="cannot be reached"):
+        resolve_model("some-org/some-model")
+
+
+def _lidr(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "lidr", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_rejects_bad_input_before_any_work(tmp_path):
+    _good(tmp_path / "prompts")
+    _write(tmp_path / "prompts", "es", [{"id": "p0", "instruction": "ok"}, {"id": "p1", "instruction": ""}])
+    out = tmp_path / "run"
+    r = _lidr("run", "--out", str(out), "--set", f"prompts.source={tmp_path / 'prompts'}",
+              "--set", "languages.others=[es]", cwd=tmp_path)
+    assert r.returncode == 2
+    assert "es.jsonl:2: field 'instruction' is missing or empty" in r.stderr
+    assert not (out / "state.json").exists() and not (out / "config.yaml").exists()
+
+    r = _lidr("run", "--out", str(out), "--set", "model=/no/such/model", cwd=tmp_path)
+    assert r.returncode == 2 and "model path not found: /no/such/model" in r.stderr
+
+    r = _lidr("pairs", str(out), "--iteration", "1", cwd=tmp_path)
+    assert r.returncode == 2 and "has no config.json" not in r.stderr and "no config.yaml" in r.stderr
