@@ -102,9 +102,9 @@ class GenerationConfig(_Section):
 
 
 class LoraConfig(_Section):
-    r: int = Field(16, ge=1)
-    alpha: int = Field(32, ge=1)
-    dropout: float = Field(0.0, ge=0, lt=1)
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA path.")
     target_modules: list[str] | str = Field(
         "all-linear", description="PEFT target_modules; 'all-linear' = every linear layer but the head."
     )
@@ -114,11 +114,11 @@ class TrainingConfig(_Section):
     beta: float = Field(0.5, gt=0, description="DPO beta (paper: 0.5).")
     nll_weight: float = Field(1.0, ge=0, description="Weight of the NLL term on the chosen answer (paper: 1).")
     learning_rate: float = Field(5e-7, gt=0, description="Paper: 5e-7 (full fine-tuning of an 8B model).")
-    epochs: int = Field(1, ge=1)
+    epochs: int = Field(1, ge=1, description="Passes over the iteration's pairs.")
     batch_size: int = Field(2, ge=1, description="Pairs per forward/backward pass.")
     gradient_accumulation: int = Field(1, ge=1, description="Effective batch = batch_size x this (paper: 16).")
-    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate schedule.")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps spent warming up.")
     max_length: int = Field(512, ge=16, description="Prompt + response tokens; longer pairs are truncated.")
     lora: LoraConfig | None = Field(
         default_factory=LoraConfig, description="LoRA settings; null = full fine-tuning."
@@ -126,7 +126,7 @@ class TrainingConfig(_Section):
     dtype: Literal["auto", "bfloat16", "float32"] = Field(
         "auto", description="Weights dtype while training; auto = bfloat16 where supported."
     )
-    seed: int | None = Field(None, description="null = the run's seed.")
+    seed: int | None = Field(None, description="Shuffling seed; null = the run's seed.")
 
 
 class PairsConfig(_Section):
@@ -138,8 +138,8 @@ class PairsConfig(_Section):
         ),
     )
     max_line_repeats: int = Field(5, ge=2, description="Drop answers with a line repeated this often.")
-    drop_empty: bool = True
-    drop_identical: bool = True
+    drop_empty: bool = Field(True, description="Drop pairs with an empty answer or translation.")
+    drop_identical: bool = Field(True, description="Drop pairs whose chosen and rejected are the same text.")
     check_language: bool = Field(True, description="Require the chosen answer in the prompt's language.")
     min_langid_chars: int = Field(
         20, ge=0, description="Shorter chosen answers are not language-checked (too short to tell)."
@@ -155,14 +155,14 @@ class Config(_Section):
         "auto",
         description="auto = chat template when the tokenizer has one, else few-shot completion.",
     )
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(False, description="Run a model's own code from its folder (only if you trust it).")
     languages: LanguagesConfig = Field(default_factory=LanguagesConfig)
     prompts: PromptsConfig = Field(default_factory=PromptsConfig)
-    iterations: int = Field(2, ge=1)
+    iterations: int = Field(2, ge=1, description="Self-improvement iterations (M0 -> M1 -> ...).")
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     pairs: PairsConfig = Field(default_factory=PairsConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
-    seed: int = 0
+    seed: int = Field(0, description="Seed for every random choice (pair policy, shuffling).")
 
     def section(self, *names: str) -> dict[str, Any]:
         """The config slice a stage depends on (for fingerprints)."""
