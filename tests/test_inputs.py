@@ -125,3 +125,16 @@ def test_cli_rejects_bad_input_before_any_work(tmp_path):
 
     r = _lidr("pairs", str(out), "--iteration", "1", cwd=tmp_path)
     assert r.returncode == 2 and "has no config.json" not in r.stderr and "no config.yaml" in r.stderr
+
+
+def test_stage_command_needs_the_stages_before_it(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = _lidr("config", cwd=tmp_path)
+    (run / "config.yaml").write_text(cfg.stdout)
+    r = _lidr("train", str(run), "--iteration", "1", cwd=tmp_path)
+    assert r.returncode == 2 and "iter-1/train needs iter-1/respond to be finished first" in r.stderr
+    r = _lidr("respond", str(run), "--iteration", "2", cwd=tmp_path)
+    assert r.returncode == 2 and "needs iter-1/train to be finished first" in r.stderr
+    r = _lidr("respond", str(run), "--iteration", "3", cwd=tmp_path)
+    assert r.returncode == 2 and "--iteration must be between 1 and 2" in r.stderr

@@ -29,6 +29,11 @@ class StageConflict(RuntimeError):
     pass
 
 
+def changed_inputs(recorded: dict, now: dict) -> list[str]:
+    """Names of the input parts whose fingerprint differs from the recorded one."""
+    return sorted(k for k in set(now) | set(recorded) if now.get(k) != recorded.get(k))
+
+
 class StageNotReady(RuntimeError):
     pass
 
@@ -136,7 +141,7 @@ class Loop:
                     now = self.inputs(t, stage)
                 except Exception:
                     continue  # inputs not there yet: decided when the stage is reached
-                changed = sorted(k for k in set(now) | set(rec["inputs"]) if now.get(k) != rec["inputs"].get(k))
+                changed = changed_inputs(rec["inputs"], now)
                 if changed:
                     out.append(f"iter-{t}/{stage} ({rec['status']}): changed {', '.join(changed)}")
         return out
@@ -157,7 +162,7 @@ class Loop:
         inputs = self.inputs(t, stage)
         rec = self.state.get(key)
         if rec is not None:
-            changed = sorted(k for k in set(inputs) | set(rec["inputs"]) if inputs.get(k) != rec["inputs"].get(k))
+            changed = changed_inputs(rec["inputs"], inputs)
             if changed and not self.force:
                 raise StageConflict(
                     f"{key} was {'finished' if rec['status'] == 'done' else 'started'} with other inputs "
@@ -180,15 +185,12 @@ class Loop:
         console.print(f"[green]{key}: done in {seconds:.1f} s[/]")
 
     def _check_ready(self, t: int, stage: str) -> None:
-        before = STAGES[: STAGES.index(stage)]
-        previous = [f"iter-{t}/{s}" for s in before] + ([f"iter-{t - 1}/train"] if t > 1 else [])
-        for key in previous:
-            rec = self.state.get(key)
+        before = [(t, s) for s in STAGES[: STAGES.index(stage)]] + ([(t - 1, "train")] if t > 1 else [])
+        for it, name in before:
+            rec = self.state.get(f"iter-{it}/{name}")
             if rec is None or rec["status"] != "done":
-                name = key.split("/")[1]
-                it = key.split("/")[0].split("-")[1]
                 raise StageNotReady(
-                    f"iter-{t}/{stage} needs {key} to be finished first "
+                    f"iter-{t}/{stage} needs iter-{it}/{name} to be finished first "
                     f"(lidr {name} {self.run.root} --iteration {it}, or lidr run)"
                 )
 
