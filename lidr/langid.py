@@ -112,6 +112,18 @@ def letter_count(text: str) -> int:
     return sum(not c.isspace() for c in clean_text(text))
 
 
+def _dense(c: str) -> bool:
+    # CJK ideographs, kana and Hangul syllables: one character is about a word.
+    o = ord(c)
+    return 0x3040 <= o <= 0x30FF or 0x3400 <= o <= 0x9FFF or 0xAC00 <= o <= 0xD7AF or 0xF900 <= o <= 0xFAFF
+
+
+def enough_text(text: str, min_chars: int = 20) -> bool:
+    """Whether enough text is left to identify its language: letters after `clean_text`,
+    with a CJK/kana/Hangul character counted as three (it carries about a word)."""
+    return sum(3 if _dense(c) else 1 for c in clean_text(text) if not c.isspace()) >= min_chars
+
+
 def _load():
     global _full
     if _full is None:
@@ -174,9 +186,15 @@ def detect(text: str, candidates: Iterable[str] | None = None) -> tuple[str, flo
 
     `candidates` restricts the choice (codes unknown to py3langid are ignored); the
     probability is then renormalised over the candidates. Text with nothing left after
-    cleaning gives ("und", 0.0).
+    cleaning gives ("und", 0.0). Varieties py3langid tells apart but a benchmark's
+    language code does not (Wu and Cantonese Chinese) are reported as their
+    macrolanguage.
     """
-    return _rank_cleaned(clean_text(text), candidates)
+    code, prob = _rank_cleaned(clean_text(text), candidates)
+    return MACROLANGUAGE.get(code, code), prob
+
+
+MACROLANGUAGE = {"wuu": "zh", "yue": "zh"}
 
 
 # is_language says False only when another language wins clearly, or the text is almost

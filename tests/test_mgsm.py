@@ -33,6 +33,9 @@ def test_score_and_summary():
     assert wrong_lang["correct"] and wrong_lang["off_target"] and wrong_lang["detected_lang"] == "en"
     assert not wrong["correct"] and wrong["extracted"] == 20
     assert short["off_target"] is None  # too short to tell the language
+    # A short Chinese answer has enough text (a CJK character carries about a word).
+    zh = score({"id": 0, "question": "…", "gold": 1.0}, "zh", "2 匹蓝色纤维布料和 1 匹白色纤维布料。")
+    assert zh["off_target"] is False and zh["detected_lang"] == "zh"
     s = summarize({"de": [right, wrong_lang, wrong, short]})["languages"]["de"]
     assert s["accuracy"] == 0.75 and s["off_target_rate"] == round(1 / 3, 4) and s["langid_undecided"] == 1
 

@@ -64,10 +64,10 @@ def mgsm_prompt(fmt, question: str, lang: str) -> str:
 
 
 def score(item: dict, lang: str, response: str, finish_reason: str | None = None) -> dict:
-    from lidr.langid import detect, letter_count
+    from lidr.langid import detect, enough_text
 
     extracted = extract_answer(response, lang)
-    if letter_count(response) >= 20:
+    if enough_text(response):
         detected = detect(response)[0]
         off = detected != lang
     else:  # too little text to tell the language
