@@ -18,7 +18,7 @@ from pathlib import Path
 
 from lidr.eval.numbers import extract_answer, numbers_equal, parse_gold
 from lidr.languages import name
-from lidr.records import JsonlAppender, RecordError, atomic_write_json, load_records, read_jsonl
+from lidr.records import JsonlAppender, RecordError, atomic_write_json, atomic_write_jsonl, load_records, read_jsonl
 
 MGSM_LANGUAGES = ["bn", "de", "en", "es", "fr", "ja", "ru", "sw", "te", "th", "zh"]
 
@@ -154,8 +154,6 @@ def score_responses(responses_file: Path, data: dict[str, list[dict]], out_dir: 
             raise RecordError(f"{responses_file}:{lineno}: field 'id' {pid!r} is not an item of MGSM {lang}")
         scored[lang][pid] = score(data[lang][pid], lang, str(rec["response"]), rec.get("finish_reason"))
     for lang, recs in scored.items():
-        from lidr.records import atomic_write_jsonl
-
         atomic_write_jsonl(out_dir / f"{lang}.jsonl", [recs[i] for i in sorted(recs)])
     return write_summary(out_dir, [l for l in data if scored[l]])
 
