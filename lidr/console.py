@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -44,3 +46,11 @@ def progress() -> Progress:
         console=console,
         transient=False,
     )
+
+
+def tracker(bar: Progress | None, description: str, total: int) -> Callable[[int], None]:
+    """A task on `bar` (if any) and the function that advances it by n items."""
+    if bar is None:
+        return lambda n: None
+    task = bar.add_task(description, total=total)
+    return lambda n: bar.advance(task, n)

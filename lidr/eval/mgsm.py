@@ -119,18 +119,19 @@ def evaluate_mgsm(backend, fmt, data: dict[str, list[dict]], out_dir: Path, *, m
                   batch_size: int, repetition_penalty: float = 1.0, progress=None) -> dict:
     """Generate (resumable: ids already in <out>/<lang>.jsonl are kept), score, summarize."""
     from lidr.backends import run_batched
+    from lidr.console import tracker
 
     writers = {lang: JsonlAppender(out_dir / f"{lang}.jsonl") for lang in data}
     items = [((lang, it["id"]), mgsm_prompt(fmt, it["question"], lang), fmt.response_stops(lang))
              for lang, its in data.items() for it in its if it["id"] not in writers[lang].done]
     by_key = {(lang, it["id"]): it for lang, its in data.items() for it in its}
-    task = progress.add_task("mgsm", total=len(items)) if progress else None
+    advance = tracker(progress, "mgsm", len(items))
     try:
         run_batched(
             backend, items, batch_size=batch_size,
             on_result=lambda key, out: writers[key[0]].write(
                 score(by_key[key], key[0], fmt.clean_response(out.text, key[0]), out.finish_reason)),
-            advance=(lambda n: progress.advance(task, n)) if progress else (lambda n: None),
+            advance=advance,
             max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
         )
     finally:

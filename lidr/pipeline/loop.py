@@ -53,6 +53,7 @@ class Loop:
         self._backend_model: Path | None = None
         self._base_model: Path | None = None
         self._tokenizers: dict[Path, object] = {}
+        self._task_ids: dict[int, set] = {}
 
     # ---- models -------------------------------------------------------------------
     def base_model(self) -> Path:
@@ -86,9 +87,12 @@ class Loop:
     def prompt_format(self, t: int) -> PromptFormat:
         path = self.model_in(t)
         if path not in self._tokenizers:
-            from lidr.models import load_tokenizer
+            if self._backend_model == path:  # the generation engine already loaded it
+                self._tokenizers[path] = self._backend.tokenizer
+            else:
+                from lidr.models import load_tokenizer
 
-            self._tokenizers[path] = load_tokenizer(path, trust_remote_code=self.cfg.trust_remote_code)
+                self._tokenizers[path] = load_tokenizer(path, trust_remote_code=self.cfg.trust_remote_code)
         return choose_format(self._tokenizers[path], self.cfg.prompt_format, self.cfg.generation.system_prompt)
 
     # ---- fingerprints ---------------------------------------------------------------
@@ -96,7 +100,11 @@ class Loop:
         return self.prompts.slice(t, self.cfg.prompts.per_iteration)
 
     def task_ids(self, t: int) -> set:
-        return translation_task_ids(self.prompts, self.cfg.prompts, self.cfg.languages.dominant, self.ids(t))
+        """Prompts of iteration t that are translation tasks (id list and/or detector)."""
+        if t not in self._task_ids:
+            self._task_ids[t] = translation_task_ids(
+                self.prompts, self.cfg.prompts, self.cfg.languages.dominant, self.ids(t))
+        return self._task_ids[t]
 
     def _model_fp(self, t: int) -> str:
         if t == 1:
@@ -119,6 +127,7 @@ class Loop:
         if stage == "translate":
             return {**common, "model": self._model_fp(t), "generation": digest(gen),
                     "translation_tasks": digest(sorted(map(str, self.task_ids(t)))),
+                    "dominant_rejected": c.pairs.dominant_rejected,
                     **self._files_fp(self.run.responses(t))}
         if stage == "pairs":
             return {**common, "pairs": digest(c.pairs.model_dump()), "seed": c.seed,
@@ -137,11 +146,7 @@ class Loop:
                 rec = self.state.get(f"iter-{t}/{stage}")
                 if rec is None:
                     continue
-                try:
-                    now = self.inputs(t, stage)
-                except Exception:
-                    continue  # inputs not there yet: decided when the stage is reached
-                changed = changed_inputs(rec["inputs"], now)
+                changed = changed_inputs(rec["inputs"], self.inputs(t, stage))
                 if changed:
                     out.append(f"iter-{t}/{stage} ({rec['status']}): changed {', '.join(changed)}")
         return out
@@ -226,7 +231,8 @@ class Loop:
         from lidr.pipeline.translate import translate
 
         d, others = self.cfg.languages.dominant, self.cfg.languages.others
-        needed = needed_translations(d, others, self.task_ids(t), self.ids(t))
+        needed = needed_translations(d, others, self.task_ids(t), self.ids(t),
+                                     dominant_rejected=self.cfg.pairs.dominant_rejected)
         backend = self.backend(t)
         with progress() as bar:
             translate(backend, self.prompt_format(t), self._responses(t), needed,

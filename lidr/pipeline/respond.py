@@ -11,6 +11,7 @@ from pathlib import Path
 
 from lidr.backends import run_batched
 from lidr.config import GenerationConfig
+from lidr.console import tracker
 from lidr.records import JsonlAppender
 from lidr.templates import PromptFormat
 
@@ -30,7 +31,7 @@ def respond(
         for pid, text in texts.items()
         if pid not in writers[lang].done
     ]
-    task = progress.add_task("respond", total=len(items)) if progress else None
+    advance = tracker(progress, "respond", len(items))
 
     def write(key, out):
         lang, pid = key
@@ -45,7 +46,7 @@ def respond(
     try:
         run_batched(
             backend, items, batch_size=gen.batch_size, on_result=write,
-            advance=(lambda n: progress.advance(task, n)) if progress else (lambda n: None),
+            advance=advance,
             max_new_tokens=gen.max_new_tokens, repetition_penalty=gen.repetition_penalty,
         )
     finally:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from lidr.backends import run_batched
 from lidr.config import GenerationConfig
+from lidr.console import tracker
 from lidr.records import JsonlAppender
 from lidr.templates import PromptFormat, parse_translation
 
@@ -34,8 +35,7 @@ def translate(
         for pid in sorted(ids, key=str)
         if pid in responses.get(src, {}) and pid not in writers[(src, tgt)].done
     ]
-    task = progress.add_task("translate", total=len(todo)) if progress else None
-    advance = (lambda n: progress.advance(task, n)) if progress else (lambda n: None)
+    advance = tracker(progress, "translate", len(todo))
 
     def write(key, raw: str):
         src, tgt, pid = key
