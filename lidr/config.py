@@ -81,7 +81,13 @@ class PromptsConfig(_Section):
 
 
 class GenerationConfig(_Section):
-    backend: Literal["hf"] = Field("hf", description="Generation engine.")
+    backend: Literal["hf", "vllm", "openai"] = Field(
+        "hf",
+        description=(
+            "Generation engine: hf (transformers, CPU or GPU), vllm (vLLM's offline engine, "
+            "generation.vllm), openai (an OpenAI-compatible server, generation.server)."
+        ),
+    )
     max_new_tokens: int = Field(96, ge=1, description="Response length limit (paper: 2400).")
     translation_max_new_tokens: int | None = Field(
         None, description="Translation length limit; null = 1.5 x max_new_tokens (paper: 4096)."
@@ -95,6 +101,30 @@ class GenerationConfig(_Section):
     system_prompt: str | None = Field(
         "You are a helpful assistant.", description="System prompt for chat-template models."
     )
+    server: EndpointConfig | None = Field(
+        None,
+        description=(
+            "backend openai: the server (vLLM serve, SGLang, llama.cpp server, hosted API). It must "
+            "serve the model being generated with: the run's model in iteration 1, M_{t-1} after."
+        ),
+    )
+    tokenizer: str | None = Field(
+        None,
+        description=(
+            "backend openai: local model spec whose tokenizer formats prompts and counts tokens "
+            "(must be the served model's); null = the run's model. Later iterations use M_{t-1}'s."
+        ),
+    )
+    vllm: VllmConfig = Field(default_factory=lambda: VllmConfig(), description="backend vllm: engine settings.")
+
+    @model_validator(mode="after")
+    def _server_for_openai(self) -> "GenerationConfig":
+        if self.backend == "openai" and self.server is None:
+            raise ValueError(
+                "backend 'openai' needs generation.server: {url: http://HOST:PORT/v1, model: NAME}, "
+                "an OpenAI-compatible server that serves the run's model"
+            )
+        return self
 
     @property
     def translation_tokens(self) -> int:
@@ -116,7 +146,9 @@ class TrainingConfig(_Section):
     learning_rate: float = Field(5e-7, gt=0, description="Paper: 5e-7 (full fine-tuning of an 8B model).")
     epochs: int = Field(1, ge=1, description="Passes over the iteration's pairs.")
     batch_size: int = Field(2, ge=1, description="Pairs per forward/backward pass.")
-    gradient_accumulation: int = Field(1, ge=1, description="Effective batch = batch_size x this (paper: 16).")
+    gradient_accumulation: int = Field(
+        1, ge=1, description="Effective batch = batch_size x this x num_processes (paper: 16)."
+    )
     lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate schedule.")
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps spent warming up.")
     max_length: int = Field(512, ge=16, description="Prompt + response tokens; longer pairs are truncated.")
@@ -127,6 +159,20 @@ class TrainingConfig(_Section):
         "auto", description="Weights dtype while training; auto = bfloat16 where supported."
     )
     seed: int | None = Field(None, description="Shuffling seed; null = the run's seed.")
+    num_processes: int = Field(
+        1, ge=1,
+        description="Training processes (one per GPU); > 1 runs the train stage under `accelerate launch`.",
+    )
+    accelerate_config: str | None = Field(
+        None,
+        description=(
+            "accelerate config YAML for the launch: a path, or a name from configs/accelerate "
+            "(ddp, fsdp, deepspeed-zero2, deepspeed-zero3); null = plain data parallel (DDP)."
+        ),
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass (less memory, ~30 % slower)."
+    )
 
 
 class PairsConfig(_Section):
@@ -146,6 +192,121 @@ class PairsConfig(_Section):
     )
 
 
+class EndpointConfig(_Section):
+    """An OpenAI-compatible server (vLLM serve, SGLang, llama.cpp server, a hosted API)."""
+
+    url: str = Field(..., description="Base URL, e.g. http://localhost:8000/v1.")
+    model: str = Field(..., description="The model name the server expects.")
+    api_key_env: str | None = Field(
+        "OPENAI_API_KEY", description="Environment variable holding the API key (never written anywhere)."
+    )
+    timeout: float = Field(120.0, gt=0, description="Seconds per request before it counts as timed out.")
+    max_retries: int = Field(5, ge=0, description="Retries (exponential backoff) on 429, 5xx, timeouts.")
+    concurrency: int = Field(8, ge=1, description="Requests in flight at once.")
+    extra_body: dict[str, Any] | None = Field(
+        None,
+        description=(
+            "Extra fields sent with every request, e.g. to constrain a judge's reply: "
+            "{guided_choice: [m, M]} for vLLM, {grammar: 'root ::= \"m\" | \"M\"'} for llama.cpp."
+        ),
+    )
+
+
+class VllmConfig(_Section):
+    """vLLM's offline engine (backend vllm); each replica runs in its own process."""
+
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per replica (tensor parallelism).")
+    data_parallel_size: int = Field(
+        1, ge=1, description="Replicas, each on its own tensor_parallel_size GPUs; rows are split among them."
+    )
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of each GPU's memory vLLM may take.")
+    max_model_len: int | None = Field(None, ge=16, description="Context length; null = the model's own.")
+    enforce_eager: bool = Field(False, description="Skip CUDA graph capture (starts faster, decodes slower).")
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict, description="More keyword arguments for vllm.LLM, passed as they are."
+    )
+
+
+class TranslatorConfig(_Section):
+    """Who translates in the translate stage when it is not the model being trained."""
+
+    backend: Literal["hf", "vllm", "openai"] = Field("hf", description="Engine of the translator.")
+    model: str | None = Field(
+        None,
+        description=(
+            "hf / vllm: the translator model (alias, folder, .gguf, hub id). openai: a local model "
+            "spec with the served model's tokenizer (or set tokenizer)."
+        ),
+    )
+    server: EndpointConfig | None = Field(None, description="backend openai: the translator's server.")
+    tokenizer: str | None = Field(None, description="backend openai: tokenizer model spec; null = model.")
+    prompt_format: Literal["auto", "chat", "completion"] = Field(
+        "auto", description="The translator's prompt format; auto = chat template when it has one."
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="hf / vllm weights dtype.")
+    vllm: VllmConfig = Field(default_factory=VllmConfig, description="backend vllm: engine settings.")
+
+    @model_validator(mode="after")
+    def _complete(self) -> "TranslatorConfig":
+        if self.backend == "openai":
+            if self.server is None:
+                raise ValueError("translator backend 'openai' needs translator.server: {url: ..., model: ...}")
+            if not (self.tokenizer or self.model):
+                raise ValueError(
+                    "translator backend 'openai' needs translator.tokenizer (or translator.model): a local "
+                    "model spec with the served model's tokenizer, to format the translation prompts"
+                )
+        elif not self.model:
+            raise ValueError(f"translator backend {self.backend!r} needs translator.model")
+        return self
+
+    def identity(self) -> dict[str, Any]:
+        """What decides the translations (for fingerprints): not timeouts, retries, engine sizes."""
+        out = self.model_dump(mode="json", exclude={"vllm"})
+        if out.get("server"):
+            out["server"] = {k: out["server"][k] for k in ("url", "model")}
+        return out
+
+
+class MgsmEvalConfig(_Section):
+    languages: list[str] | None = Field(
+        None, description="MGSM languages; null = all 11 (bn de en es fr ja ru sw te th zh)."
+    )
+    limit: int | None = Field(None, ge=1, description="First N problems per language; null = all 250.")
+    max_new_tokens: int = Field(256, ge=1, description="Answer length limit.")
+
+
+class AlpacaEvalConfig(_Section):
+    languages: list[str] | None = Field(
+        None, description="X-AlpacaEval languages; null = the run's languages that have reference answers."
+    )
+    limit: int | None = Field(None, ge=1, description="First N instructions per language; null = all 805.")
+    max_new_tokens: int = Field(512, ge=1, description="Answer length limit (paper: 2400).")
+    likelihood: bool = Field(
+        True, description="Mean per-token log-likelihood of the reference answers (judge-free)."
+    )
+    likelihood_max_tokens: int = Field(
+        256, ge=1, description="Reference answers are cut at this many tokens for the likelihood."
+    )
+
+
+class EvalConfig(_Section):
+    enabled: bool = Field(True, description="Evaluate M0 and every trained model inside `lidr run`.")
+    data: str | None = Field(
+        None,
+        description=(
+            "Folder in the layout of shared/datasets (mgsm/<lang>.jsonl, x-alpacaeval/prompts/, "
+            "x-alpacaeval/reference-gpt-4-turbo/); null = $LIDR_DATA, else evaluation is skipped."
+        ),
+    )
+    mgsm: MgsmEvalConfig | None = Field(default_factory=MgsmEvalConfig, description="null = skip MGSM.")
+    alpaca: AlpacaEvalConfig | None = Field(default_factory=AlpacaEvalConfig, description="null = skip X-AlpacaEval.")
+    judge: EndpointConfig | None = Field(
+        None, description="LLM judge for win rates, head-to-head and reward accuracy; null = judge-free signals only."
+    )
+    batch_size: int | None = Field(None, ge=1, description="Generation batch; null = generation.batch_size.")
+
+
 class Config(_Section):
     model: str = Field(
         "gemma-3-270m",
@@ -162,6 +323,14 @@ class Config(_Section):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     pairs: PairsConfig = Field(default_factory=PairsConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    translator: TranslatorConfig | None = Field(
+        None,
+        description=(
+            "Who translates in the translate stage; null = the model being trained (self-translation, "
+            "the method). Another model or server gives the paper's translate-by-system ablation."
+        ),
+    )
     seed: int = Field(0, description="Seed for every random choice (pair policy, shuffling).")
 
     def section(self, *names: str) -> dict[str, Any]:
@@ -172,8 +341,14 @@ class Config(_Section):
 
 # The embedded default: a small base model, the built-in prompts, two iterations, sized
 # to finish on a 2-core laptop CPU. LoRA with a learning rate fit for LoRA on a tiny model.
+# Its evaluation is small too (8 items per language, the run's languages): enough to see
+# the machinery and the direction of change, not to measure an effect.
 DEMO: dict[str, Any] = {
     "training": {"learning_rate": 5e-5, "batch_size": 2, "gradient_accumulation": 2},
+    "eval": {
+        "mgsm": {"languages": ["en", "es", "de", "fr"], "limit": 8, "max_new_tokens": 128},
+        "alpaca": {"limit": 8, "max_new_tokens": 96},
+    },
 }
 
 
@@ -291,8 +466,8 @@ def config_reference() -> str:
                 (a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)),
                 None,
             )
-            # lora is optional (null = full fine-tuning): shown as one value, not a section
-            if sub is not None and name != "lora":
+            # optional sections with no default (null) are shown as one value
+            if sub is not None and f.get_default(call_default_factory=True) is not None:
                 out.append(f"{pad}{name}:")
                 walk(sub, indent + 1)
             else:
@@ -309,6 +484,8 @@ def config_reference() -> str:
 __all__ = [
     "Config",
     "ConfigError",
+    "EndpointConfig",
+    "EvalConfig",
     "DEMO",
     "GenerationConfig",
     "LanguagesConfig",
@@ -316,6 +493,8 @@ __all__ = [
     "PairsConfig",
     "PromptsConfig",
     "TrainingConfig",
+    "TranslatorConfig",
+    "VllmConfig",
     "LANGUAGES",
     "config_reference",
     "dump_config",

@@ -7,6 +7,9 @@
     RUN_DIR/iter-<t>/pairs.jsonl, pairs.dropped.jsonl, pairs.summary.json
     RUN_DIR/iter-<t>/train/metrics.jsonl, summary.json
     RUN_DIR/iter-<t>/model/              M_t
+    RUN_DIR/eval/M<k>/{mgsm,alpaca,likelihood}/   evaluation of M_k (summary.json each)
+    RUN_DIR/eval/h2h/M<k>-vs-M0/, eval/reward-accuracy/iter-<t>/   with a judge
+    RUN_DIR/eval/judgments-cache.jsonl   every judgment, keyed by judge and texts
 """
 
 from __future__ import annotations
@@ -51,6 +54,19 @@ class RunDir:
 
     def model(self, t: int) -> Path:
         return self.iter(t) / "model"
+
+    def eval_dir(self, k: int) -> Path:
+        """Evaluation of M_k: mgsm/, alpaca/, likelihood/ (each with summary.json)."""
+        return self.root / "eval" / f"M{k}"
+
+    def h2h_dir(self, a: int, b: int) -> Path:
+        return self.root / "eval" / "h2h" / f"M{a}-vs-M{b}"
+
+    def reward_accuracy_dir(self, t: int) -> Path:
+        return self.root / "eval" / "reward-accuracy" / f"iter-{t}"
+
+    def eval_outputs(self, k: int) -> list[Path]:
+        return [self.eval_dir(k), self.h2h_dir(k, 0), self.reward_accuracy_dir(k)]
 
     def outputs(self, t: int, stage: str) -> list[Path]:
         """What a stage writes (removed when the stage is redone with --force)."""

@@ -28,6 +28,7 @@ prompts: {per_iteration: 3}
 iterations: 1
 generation: {max_new_tokens: 24, translation_max_new_tokens: 40, batch_size: 1}
 training: {learning_rate: 5.0e-5, max_length: 192, batch_size: 2, gradient_accumulation: 1}
+eval: {enabled: false}
 """
 LANGS = ["en", "es", "de"]
 

@@ -9,10 +9,23 @@ from typing import Callable, Iterable
 from lidr.backends.hf import Generation, HFBackend
 
 
-def make_backend(name: str, model_path, dtype: str = "auto", trust_remote_code: bool = False):
+def make_backend(name: str, model_path, dtype: str = "auto", trust_remote_code: bool = False, *,
+                 server=None, vllm=None):
+    """`model_path`: the local model (hf, vllm), or the local model whose tokenizer formats
+    prompts for the server (openai). Engines other than hf are imported only when chosen."""
     if name == "hf":
         return HFBackend(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
-    raise ValueError(f"unknown generation backend {name!r} (available: hf)")
+    if name == "openai":
+        from lidr.backends.openai import OpenAIBackend
+
+        if server is None:
+            raise ValueError("the openai backend needs a server (url, model)")
+        return OpenAIBackend(server, model_path, trust_remote_code=trust_remote_code)
+    if name == "vllm":
+        from lidr.backends.vllm import VLLMBackend
+
+        return VLLMBackend(model_path, dtype=dtype, trust_remote_code=trust_remote_code, settings=vllm)
+    raise ValueError(f"unknown generation backend {name!r} (available: hf, vllm, openai)")
 
 
 def run_batched(
@@ -29,8 +42,12 @@ def run_batched(
     Sorting by length keeps padding (wasted compute) small; rows of different languages
     share a batch (each row has its own stop strings), since on a CPU one decoding step
     costs about the same for 1 or 64 rows (reading the weights dominates). Results go to
-    `on_result` batch by batch, so the caller can write them as they come.
+    `on_result` batch by batch, so the caller can write them as they come. A backend
+    with its own `run_batched` (openai: one request per row, written as each arrives)
+    does the batching itself.
     """
+    if hasattr(backend, "run_batched"):
+        return backend.run_batched(items, batch_size=batch_size, on_result=on_result, advance=advance, **gen_kwargs)
     items = sorted(items, key=lambda item: backend.count_tokens(item[1]))
     for start in range(0, len(items), batch_size):
         batch = items[start : start + batch_size]

@@ -13,10 +13,10 @@ holds per-language accuracy and off-target rate with 95 % Wilson intervals.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from lidr.eval.numbers import extract_answer, numbers_equal, parse_gold
+from lidr.eval.stats import wilson
 from lidr.languages import name
 from lidr.records import JsonlAppender, RecordError, atomic_write_json, atomic_write_jsonl, load_records, read_jsonl
 
@@ -77,16 +77,6 @@ def score(item: dict, lang: str, response: str, finish_reason: str | None = None
         "finish_reason": finish_reason, "extracted": extracted, "gold": item["gold"],
         "correct": numbers_equal(extracted, item["gold"]), "detected_lang": detected, "off_target": off,
     }
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> list[float] | None:
-    """95 % Wilson score interval of a proportion k/n."""
-    if n == 0:
-        return None
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
 
 
 def summarize(records: dict[str, list[dict]]) -> dict:

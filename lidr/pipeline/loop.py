@@ -38,19 +38,41 @@ class StageNotReady(RuntimeError):
     pass
 
 
+def eval_key(k: int) -> str:
+    """state.json key of the evaluation of M_k."""
+    return f"eval/M{k}"
+
+
 class Loop:
     def __init__(self, cfg: Config, root: str | Path, force: bool = False):
         self.cfg, self.run, self.force = cfg, RunDir(root), force
         # Everything cheap is checked here, before any model loads.
         check_model_spec(cfg.model)
+        tr = cfg.translator
+        for spec in (cfg.generation.tokenizer, tr and tr.model, tr and tr.tokenizer):
+            if spec:
+                check_model_spec(spec)
         self.langs = cfg.languages.all
         self.prompts: PromptSet = load_prompts(cfg.prompts, self.langs)
         for note in self.prompts.notes:
             console.print(f"[yellow]warning:[/] {note}")
         check_enough(self.prompts, cfg)
+        from lidr.pipeline import launch
+
+        launch.check(cfg.training)  # the accelerate config of a multi-GPU train stage
+        from lidr.eval.suite import prepare
+
+        self.eval_plan = prepare(cfg.eval, self.langs)  # evaluation data checked now, too
+        if self.eval_plan is not None:
+            for note in self.eval_plan.notes:
+                console.print(f"[yellow]warning:[/] {note}")
+        elif cfg.eval.enabled:
+            console.print("[yellow]note:[/] no evaluation data (set eval.data or $LIDR_DATA): "
+                          "models are trained but not evaluated")
         self.state = State(self.run.root / "state.json")
         self._backend = None  # the generation engine, loaded on first need
         self._backend_model: Path | None = None
+        self._translator = None  # (engine, prompt format) of `translator`, when set
         self._base_model: Path | None = None
         self._tokenizers: dict[Path, object] = {}
         self._task_ids: dict[int, set] = {}
@@ -71,18 +93,73 @@ class Loop:
             self.release_backend()
             from lidr.backends import make_backend
 
-            with console.status(f"loading {path}"):
+            g = self.cfg.generation
+            # openai: `path` only gives the tokenizer (generation.tokenizer may name M0's)
+            local = path
+            if g.backend == "openai" and g.tokenizer and t == 1:
+                from lidr.backends.openai import tokenizer_source
+
+                local = tokenizer_source(g.tokenizer)
+            with console.status(f"loading {local}"):
                 self._backend = make_backend(
-                    self.cfg.generation.backend, path, dtype=self.cfg.generation.dtype,
-                    trust_remote_code=self.cfg.trust_remote_code,
+                    g.backend, local, dtype=g.dtype,
+                    trust_remote_code=self.cfg.trust_remote_code, server=g.server, vllm=g.vllm,
                 )
             self._backend_model = path
+            if g.backend == "openai" and t > 1:
+                self._check_served(t)
         return self._backend
+
+    def _check_served(self, t: int) -> None:
+        """A server cannot be told to load M_{t-1}: refuse unless it says it serves that
+        folder (vLLM lists it as `root`, llama.cpp as `id`), rather than make iteration
+        t's data with another model."""
+        want, server = self.model_in(t).resolve(), self.cfg.generation.server
+        try:
+            entries = self._backend.served_models()
+        except Exception:  # noqa: BLE001 - treated as "does not say"
+            entries = []
+        for e in entries:
+            for v in (e.get("root"), e.get("id")):
+                if e.get("id") == server.model and v and (
+                        Path(v).expanduser().resolve() == want or str(v).rstrip("/").endswith(f"iter-{t - 1}/model")):
+                    return
+        self.release_backend()
+        listed = ", ".join(f"{e.get('id')} ({e.get('root', '-')})" for e in entries) or "nothing"
+        raise StageNotReady(
+            f"iteration {t} generates with M{t - 1} ({want}), but the server at {server.url} does not say it "
+            f"serves that folder under the name {server.model!r} (it lists: {listed}). Serve it, e.g. "
+            f"`vllm serve {want} --served-model-name {server.model}`, and run again (finished stages are kept)."
+        )
 
     def release_backend(self) -> None:
         if self._backend is not None:
             self._backend.close()
         self._backend, self._backend_model = None, None
+        if self._translator is not None:
+            self._translator[0].close()
+            self._translator = None
+
+    def translator(self) -> tuple[object, PromptFormat]:
+        """Engine and prompt format of the `translator` setting (another model or server
+        than the one being trained: the paper's translate-by-system ablation)."""
+        if self._translator is None:
+            tr = self.cfg.translator
+            self.release_backend()  # one local model in memory at a time
+            from lidr.backends import make_backend
+
+            if tr.backend == "openai":
+                from lidr.backends.openai import tokenizer_source
+
+                path = tokenizer_source(tr.tokenizer or tr.model)
+            else:
+                path = resolve_model(tr.model)
+            with console.status(f"loading translator {path}"):
+                engine = make_backend(tr.backend, path, dtype=tr.dtype, trust_remote_code=self.cfg.trust_remote_code,
+                                      server=tr.server, vllm=tr.vllm)
+            fmt = choose_format(engine.tokenizer, tr.prompt_format, self.cfg.generation.system_prompt)
+            self._translator = (engine, fmt)
+        return self._translator
 
     def prompt_format(self, t: int) -> PromptFormat:
         path = self.model_in(t)
@@ -119,7 +196,8 @@ class Loop:
         """What a stage's result depends on, each part digested separately so a refusal
         can say which part changed."""
         c = self.cfg
-        gen = c.generation.model_dump(exclude={"batch_size", "backend"})
+        # engine settings (which engine, server, sizes) do not change what greedy decoding makes
+        gen = c.generation.model_dump(exclude={"batch_size", "backend", "server", "tokenizer", "vllm"})
         common = {"languages": digest(c.languages.model_dump()), "prompt_format": c.prompt_format}
         if stage == "respond":
             texts = {l: [self.prompts.text[l][i] for i in self.ids(t)] for l in self.langs}
@@ -128,6 +206,7 @@ class Loop:
             return {**common, "model": self._model_fp(t), "generation": digest(gen),
                     "translation_tasks": digest(sorted(map(str, self.task_ids(t)))),
                     "dominant_rejected": c.pairs.dominant_rejected,
+                    **({"translator": digest(c.translator.identity())} if c.translator else {}),
                     **self._files_fp(self.run.responses(t))}
         if stage == "pairs":
             return {**common, "pairs": digest(c.pairs.model_dump()), "seed": c.seed,
@@ -149,22 +228,48 @@ class Loop:
                 changed = changed_inputs(rec["inputs"], self.inputs(t, stage))
                 if changed:
                     out.append(f"iter-{t}/{stage} ({rec['status']}): changed {', '.join(changed)}")
+        for k in self.eval_models():
+            rec = self.state.get(eval_key(k))
+            # M_k's inputs can only be computed once M_k exists
+            if rec is not None and (k == 0 or self.run.model(k).exists()):
+                changed = changed_inputs(rec["inputs"], self.eval_inputs(k))
+                if changed:
+                    out.append(f"{eval_key(k)} ({rec['status']}): changed {', '.join(changed)}")
         return out
 
     # ---- running --------------------------------------------------------------------
     def run_all(self) -> None:
         console.print(f"[bold]lidr run[/] -> {self.run.root}  ({self.cfg.iterations} iterations, "
                       f"languages {', '.join(self.langs)}, {self.cfg.prompts.per_iteration} prompts each)")
+        evaluate = self.eval_plan is not None
         for t in range(1, self.cfg.iterations + 1):
+            if evaluate:  # M_{t-1} is loaded for this iteration's generation anyway
+                self.run_eval(t - 1)
             for stage in STAGES:
                 self.run_stage(t, stage)
+        if evaluate:
+            self.run_eval(self.cfg.iterations)
         self.release_backend()
         self.print_summary()
 
     def run_stage(self, t: int, stage: str) -> None:
-        key = f"iter-{t}/{stage}"
         self._check_ready(t, stage)
-        inputs = self.inputs(t, stage)
+        self._execute(f"iter-{t}/{stage}", self.inputs(t, stage), lambda: getattr(self, f"_{stage}")(t),
+                      clear=lambda: self._clear(t, stage))
+
+    def run_eval(self, k: int) -> None:
+        """Evaluate M_k (0 = the base model) as configured in `eval`."""
+        if self.eval_plan is None:
+            raise StageNotReady("no evaluation data: set eval.data in the config or $LIDR_DATA")
+        if k > 0:
+            rec = self.state.get(f"iter-{k}/train")
+            if rec is None or rec["status"] != "done":
+                raise StageNotReady(f"{eval_key(k)} needs iter-{k}/train to be finished first")
+        self._execute(eval_key(k), self.eval_inputs(k), lambda: self._eval(k), clear=lambda: self._clear_eval(k))
+
+    def _execute(self, key: str, inputs: dict, work, clear) -> None:
+        """Skip a finished stage, resume an interrupted one, refuse (or with --force redo)
+        one whose inputs changed; record start, finish, seconds and summary in state.json."""
         rec = self.state.get(key)
         if rec is not None:
             changed = changed_inputs(rec["inputs"], inputs)
@@ -176,15 +281,15 @@ class Loop:
                 )
             if changed:
                 console.print(f"[yellow]{key}: inputs changed ({', '.join(changed)}), redoing[/]")
-                self._clear(t, stage)
-            elif rec["status"] == "done":
+                clear()
+            elif rec["status"] == "done" and not (rec.get("summary") or {}).get("judge_failures"):
                 console.print(f"[dim]{key}: done, skipped[/]")
                 return
-            else:
+            else:  # interrupted, or finished with judgments to retry
                 console.print(f"[cyan]{key}: resuming[/]")
         self.state.start(key, inputs)
         started = time.time()
-        summary = getattr(self, f"_{stage}")(t)
+        summary = work()
         seconds = time.time() - started
         self.state.finish(key, seconds, summary)
         console.print(f"[green]{key}: done in {seconds:.1f} s[/]")
@@ -233,9 +338,9 @@ class Loop:
         d, others = self.cfg.languages.dominant, self.cfg.languages.others
         needed = needed_translations(d, others, self.task_ids(t), self.ids(t),
                                      dominant_rejected=self.cfg.pairs.dominant_rejected)
-        backend = self.backend(t)
+        backend, fmt = self.translator() if self.cfg.translator else (self.backend(t), self.prompt_format(t))
         with progress() as bar:
-            translate(backend, self.prompt_format(t), self._responses(t), needed,
+            translate(backend, fmt, self._responses(t), needed,
                       self.run.translations(t), self.cfg.generation, bar)
         stats = {}
         for (src, tgt), recs in self._translations(t).items():
@@ -258,7 +363,7 @@ class Loop:
         return result.counts
 
     def _train(self, t: int) -> dict:
-        from lidr.pipeline.train import train_dpo_nll
+        from lidr.pipeline.launch import train  # in process, or under accelerate launch (num_processes > 1)
 
         self.release_backend()  # free the generation model's memory for training
         pairs = load_records(self.run.pairs(t))
@@ -278,9 +383,79 @@ class Loop:
                 bar.update(task, completed=step, total=total,
                            description=f"train loss {metrics['loss']:.3f} acc {metrics['reward_accuracy']:.2f}")
 
-            summary = train_dpo_nll(self.model_in(t), examples, self.run.model(t), self.cfg.training,
-                                    seed=self.cfg.seed + t, log_dir=self.run.train_log(t), progress=on_step)
+            summary = train(self.model_in(t), examples, self.run.model(t), self.cfg.training,
+                            seed=self.cfg.seed + t, log_dir=self.run.train_log(t), progress=on_step)
         return summary
+
+    # ---- evaluation -----------------------------------------------------------------
+    def eval_models(self) -> list[int]:
+        return list(range(self.cfg.iterations + 1)) if self.eval_plan is not None else []
+
+    def eval_inputs(self, k: int) -> dict:
+        c = self.cfg
+        judge = c.eval.judge
+        settings = c.eval.model_dump(exclude={"judge", "batch_size", "data"})
+        return {
+            "model": self._model_fp(k + 1), "prompt_format": c.prompt_format,
+            "eval": digest(settings), "data": str(self.eval_plan.root.resolve()),
+            "generation": digest([c.generation.system_prompt, c.generation.repetition_penalty]),
+            "judge": digest([judge.url, judge.model] if judge else None),
+            "seed": c.seed,
+        }
+
+    def _clear_eval(self, k: int) -> None:
+        for p in self.run.eval_outputs(k):
+            shutil.rmtree(p, ignore_errors=True)
+        self.state.forget(eval_key(k))
+
+    def _eval(self, k: int) -> dict:
+        """M_k on the configured benchmarks; with a judge, also M_k vs M0 head-to-head and
+        the reward accuracy of the pairs that trained M_k."""
+        from lidr.eval.suite import evaluate_model
+
+        c = self.cfg
+        backend = self.backend(k + 1)  # model_in(k + 1) is M_k
+        judge = self._judge()
+        try:
+            with progress() as bar:
+                out = evaluate_model(
+                    backend, self.prompt_format(k + 1), self.eval_plan, c.eval, self.run.eval_dir(k),
+                    generator=f"{Path(str(c.model)).name}-M{k}",
+                    batch_size=c.eval.batch_size or c.generation.batch_size,
+                    repetition_penalty=c.generation.repetition_penalty, judge=judge, seed=c.seed, progress=bar,
+                )
+                if judge is not None and k > 0:
+                    out["judge_failures"] = out.get("judge_failures", 0) + self._judged_comparisons(k, judge, bar)
+        finally:
+            if judge is not None:
+                judge.close()
+        self._print_eval(k, out)
+        return out
+
+    def _judge(self):
+        if self.cfg.eval.judge is None:
+            return None
+        from lidr.eval.judge import make_judge
+
+        return make_judge(self.cfg.eval.judge, self.run.root / "eval" / "judgments-cache.jsonl")
+
+    def _judged_comparisons(self, k: int, judge, bar) -> int:
+        from lidr.eval.h2h import answers_from, head_to_head, reward_accuracy
+
+        failures = 0
+        if self.eval_plan.alpaca:
+            langs = list(self.eval_plan.alpaca)
+            s = head_to_head(judge, answers_from(self.run.eval_dir(k) / "alpaca", langs),
+                             answers_from(self.run.eval_dir(0) / "alpaca", langs),
+                             self.run.h2h_dir(k, 0), name_a=f"M{k}", name_b="M0", progress=bar)
+            failures += s["failures"]
+        s = reward_accuracy(judge, load_records(self.run.pairs(k)), self.run.reward_accuracy_dir(k),
+                            seed=self.cfg.seed, progress=bar)
+        return failures + s["failures"]
+
+    def _print_eval(self, k: int, out: dict) -> None:
+        shown = ", ".join(f"{name} {value}" for name, value in out.items() if value is not None)
+        console.print(f"[bold]M{k}[/]: {shown}  (details: {self.run.eval_dir(k)})")
 
     # ---- reporting ------------------------------------------------------------------
     def _print_pair_counts(self, t: int, counts: dict) -> None:
@@ -300,7 +475,10 @@ class Loop:
         table.add_column("iteration")
         for s in STAGES:
             table.add_column(s, justify="right")
+        table.add_column("eval of its model", justify="right")
+        seconds = lambda key: f"{(self.state.get(key) or {}).get('seconds', '-')}"  # noqa: E731
+        if self.eval_plan is not None:
+            table.add_row("0 (M0)", *["" for _ in STAGES], seconds(eval_key(0)))
         for t in range(1, self.cfg.iterations + 1):
-            row = [f"{(self.state.get(f'iter-{t}/{s}') or {}).get('seconds', '-')}" for s in STAGES]
-            table.add_row(str(t), *row)
+            table.add_row(str(t), *[seconds(f"iter-{t}/{s}") for s in STAGES], seconds(eval_key(t)))
         console.print(table)

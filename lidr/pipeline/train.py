@@ -11,13 +11,24 @@ where TRL differs). We write the loop out because on a CPU the output layer domi
 response positions on Triton devices): here the head runs on response positions only, the
 reference log-probs come from one no-grad pass before training, and no second copy of the
 model is kept. Accelerate does device placement and gradient accumulation, so the same code
-runs under `accelerate launch`.
+runs under `accelerate launch` (DDP, DeepSpeed ZeRO, FSDP; `lidr.pipeline.train_worker`):
+
+- the batches are planned as *global* batches (batch_size x processes pairs, the same for any
+  process count at the same global size) and process r trains on the r-th slice of each;
+  every pair's loss is weighted 1 / (pairs in its optimizer step), so the gradient is the mean
+  over the step's pairs however they are split over processes and micro-batches;
+- the reference (and final) log-probs are computed once, each process on its own share of the
+  pairs, and summed across processes; every process makes the same number of forward calls
+  (sharded models gather their weights collectively in each one);
+- metrics are summed across processes each step; only the main process writes files and saves;
+  a sharded model (FSDP, ZeRO-3) is gathered with `accelerator.get_state_dict` first.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import json
 import math
 import os
@@ -90,8 +101,10 @@ def tokenize_pairs(tokenizer, examples: list[dict], max_length: int) -> tuple[li
     return pairs, stats
 
 
-def collate(pairs: list[Pair], index: list[int], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch of 2B sequences: the B prompt+chosen, then the B prompt+rejected (as TRL)."""
+def collate(pairs: list[Pair], index: list[int], pad_id: int,
+            weights: list[float] | None = None) -> dict[str, torch.Tensor]:
+    """Right-padded batch of 2B sequences: the B prompt+chosen, then the B prompt+rejected (as TRL).
+    `weights`: each pair's weight in the loss (0 = a placeholder that only keeps processes in step)."""
     seqs, masks = [], []
     for side in ("chosen", "rejected"):
         for i in index:
@@ -105,6 +118,7 @@ def collate(pairs: list[Pair], index: list[int], pad_id: int) -> dict[str, torch
         "attention_mask": pad([[1] * len(s) for s in seqs], 0),
         "response_mask": pad(masks, 0),
         "index": torch.tensor(index),
+        "weight": torch.tensor(weights if weights is not None else [1.0] * len(index), dtype=torch.float32),
     }
 
 
@@ -125,6 +139,18 @@ class ResponseLogProbs(nn.Module):
     def __init__(self, lm: nn.Module):
         super().__init__()
         self.lm = lm
+        # FSDP's transformer-based auto wrap looks for the decoder-layer classes here
+        self._no_split_modules = list(getattr(lm, "_no_split_modules", None) or [])
+
+    # FSDP2 (accelerate) shards the embeddings and output layer as their own units when it finds them
+    def get_input_embeddings(self):
+        return self.lm.get_input_embeddings()
+
+    def get_output_embeddings(self):
+        return self.lm.get_output_embeddings()
+
+    def tie_weights(self, *args, **kwargs):
+        return self.lm.tie_weights(*args, **kwargs)
 
     def forward(self, input_ids, attention_mask, response_mask, **_):
         causal = self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm  # PEFT
@@ -135,7 +161,8 @@ class ResponseLogProbs(nn.Module):
         softcap = getattr(causal.config.get_text_config(), "final_logit_softcapping", None)
         grad = torch.is_grad_enabled()
         # Without a backward pass small chunks cost nothing; with one, a chunk is recomputed there.
-        step = max(1, (LOGITS_BLOCK if grad else LOGITS_BLOCK // 8) // head.weight.shape[0])
+        vocab = getattr(head, "out_features", None) or head.weight.shape[0]  # (ZeRO-3 empties .weight)
+        step = max(1, (LOGITS_BLOCK if grad else LOGITS_BLOCK // 8) // vocab)
         if len(h) <= step:
             logps = _token_logps(h, targets, head, softcap)
         else:
@@ -147,9 +174,10 @@ class ResponseLogProbs(nn.Module):
         return sums, predicts.sum(1)
 
 
-def dpo_nll_loss(logps, ref_logps, ntokens, beta: float, nll_weight: float):
+def dpo_nll_loss(logps, ref_logps, ntokens, beta: float, nll_weight: float, weights=None):
     """DPO + NLL from per-sequence summed log-probs ([2B]: chosen then rejected) and response
-    token counts. Returns the batch loss and per-pair terms (for metrics).
+    token counts. Returns the batch loss (the mean over pairs, or the `weights`-weighted sum)
+    and per-pair terms (for metrics).
 
     The NLL is each chosen response's per-token mean, then the mean over pairs, as the method
     states. TRL's "sft" term instead averages over all chosen tokens of the batch at once
@@ -159,7 +187,8 @@ def dpo_nll_loss(logps, ref_logps, ntokens, beta: float, nll_weight: float):
     reward_chosen, reward_rejected = beta * (chosen - ref_chosen), beta * (rejected - ref_rejected)
     dpo = -F.logsigmoid(reward_chosen - reward_rejected)
     nll = -chosen / ntokens.chunk(2)[0]
-    loss = (dpo + nll_weight * nll).mean()
+    per_pair = dpo + nll_weight * nll
+    loss = per_pair.mean() if weights is None else (weights * per_pair).sum()
     return loss, {"dpo": dpo.detach(), "nll": nll.detach(), "chosen": reward_chosen.detach(),
                   "rejected": reward_rejected.detach()}
 
@@ -178,6 +207,12 @@ def resolve_dtype(name: str) -> torch.dtype:
     return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
 
 
+def planned_steps(n_pairs: int, batch_size: int, gradient_accumulation: int, num_processes: int,
+                  epochs: int) -> int:
+    """Optimizer steps for n_pairs: ceil(global batches / accumulation) per epoch."""
+    return math.ceil(math.ceil(n_pairs / (batch_size * num_processes)) / gradient_accumulation) * epochs
+
+
 def plan_batches(lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
     """Shuffle, sort by length within windows of 50 batches (little padding), shuffle batch order."""
     order = list(range(len(lengths)))
@@ -190,14 +225,37 @@ def plan_batches(lengths: list[int], batch_size: int, rng: random.Random) -> lis
     return batches
 
 
+def shard_batches(global_batches: list[list[int]], batch_size: int, num_processes: int,
+                  gradient_accumulation: int) -> list[list[tuple[int, float]]]:
+    """Global batches -> per-process micro-batches of (pair, loss weight), interleaved
+    [g0 slice 0, g0 slice 1, ..., g1 slice 0, ...]: the order in which accelerate deals batches
+    out (process r gets every num_processes-th, from the r-th), so process r trains on slice r
+    of every global batch. A pair weighs num_processes x accumulation / (pairs in its optimizer
+    step): accelerate divides the loss by the accumulation and DDP/FSDP/DeepSpeed average the
+    gradients over processes, which leaves the mean over the step's pairs, even for a short last
+    step. A process whose slice of a short last batch is empty gets a weight-0 placeholder pair
+    (every process must run the same forward/backward passes)."""
+    out = []
+    for s in range(0, len(global_batches), gradient_accumulation):
+        group = global_batches[s:s + gradient_accumulation]
+        w = num_processes * gradient_accumulation / sum(map(len, group))
+        for g in group:
+            for r in range(num_processes):
+                part = g[r * batch_size:(r + 1) * batch_size]
+                out.append([(i, w) for i in part] if part else [(g[0], 0.0)])
+    return out
+
+
 STATS = ("dpo", "nll", "chosen", "rejected", "margin", "correct", "pairs")
 
 
-def _sums(terms: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per-pair terms -> one vector of sums (STATS order), cheap to add up across processes."""
+def _sums(terms: dict[str, torch.Tensor], real: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-pair terms -> one vector of sums (STATS order), cheap to add up across processes.
+    `real`: which pairs count (placeholders do not)."""
     margin = terms["chosen"] - terms["rejected"]
-    return torch.stack([terms["dpo"].sum(), terms["nll"].sum(), terms["chosen"].sum(), terms["rejected"].sum(),
-                        margin.sum(), (margin > 0).sum().float(), torch.tensor(float(len(margin)), device=margin.device)])
+    keep = torch.ones_like(margin) if real is None else real.to(margin.dtype)
+    return torch.stack([(terms[k] * keep).sum() for k in ("dpo", "nll", "chosen", "rejected")]
+                       + [(margin * keep).sum(), ((margin > 0).to(margin.dtype) * keep).sum(), keep.sum()])
 
 
 def _summarize(sums: torch.Tensor, nll_weight: float) -> dict[str, float]:
@@ -221,25 +279,98 @@ def _save_atomically(lm, tokenizer, out_dir: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _peft_config(cfg: TrainingConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
+
+
+@contextlib.contextmanager
+def _plain_loading():
+    """Load a model whole even where DeepSpeed ZeRO-3 is active (transformers would partition it)."""
+    try:
+        from transformers.integrations import deepspeed as hf_ds
+    except ImportError:
+        yield
+        return
+    saved = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = saved
+
+
+def _is_sharded(acc) -> bool:
+    """Weights split across processes (FSDP, DeepSpeed ZeRO-3): no process holds the whole model."""
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type == DistributedType.FSDP:
+        return True
+    plugin = getattr(acc.state, "deepspeed_plugin", None)
+    return acc.distributed_type == DistributedType.DEEPSPEED and plugin is not None and plugin.zero_stage == 3
+
+
+def _consolidated_lm(acc, policy, model_path, cfg: TrainingConfig):
+    """The trained causal LM, whole, on the main process (None elsewhere); LoRA not merged yet.
+    Every process must call this: gathering a sharded model is collective."""
+    if not _is_sharded(acc):
+        return acc.unwrap_model(policy).lm if acc.is_main_process else None
+    state = acc.get_state_dict(policy)  # full weights on the main process (FSDP: rank 0 only)
+    if not acc.is_main_process:
+        return None
+    from transformers import AutoModelForCausalLM
+
+    with _plain_loading():
+        lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    if cfg.lora is not None:
+        from peft import get_peft_model
+
+        lm = get_peft_model(lm, _peft_config(cfg))
+    state = {k.removeprefix("lm."): v for k, v in state.items()}
+    missing, unexpected = lm.load_state_dict(state, strict=False)
+    # tied weights (input embeddings = output layer) may be stored once
+    names: dict[int, list[str]] = {}
+    for n, p in lm.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    tied = {n for group in names.values() if len(group) > 1 and any(g in state for g in group) for n in group}
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise RuntimeError(f"consolidated weights do not match the model: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
+    return lm
+
+
 def train_dpo_nll(model_path: str | Path, examples: list[dict], out_dir: str | Path, cfg: TrainingConfig,
                   seed: int, log_dir: str | Path,
                   progress: Callable[[int, int, dict], None] | None = None) -> dict:
     """Train the model at model_path on examples ({"prompt", "chosen", "rejected"}: fully rendered
     text) with DPO + NLL; save the result (LoRA merged) with its tokenizer to out_dir; write
-    log_dir/metrics.jsonl (one line per optimizer step) and log_dir/summary.json. Returns the summary."""
+    log_dir/metrics.jsonl (one line per optimizer step) and log_dir/summary.json. Returns the summary.
+
+    Under `accelerate launch` every process calls this with the same arguments; each trains on
+    its share of every global batch, and only the main process writes files."""
     if not examples:
         raise ValueError("train_dpo_nll: no preference pairs to train on (every pair was filtered out?)")
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedType, set_seed
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
     t0 = time.time()
     seed = cfg.seed if cfg.seed is not None else seed
     set_seed(seed)
     out_dir, log_dir = Path(out_dir), Path(log_dir)
-    log_dir.mkdir(parents=True, exist_ok=True)
     acc = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation)
+    if acc.is_main_process:
+        log_dir.mkdir(parents=True, exist_ok=True)
+    n_proc = acc.num_processes
     dtype = resolve_dtype(cfg.dtype)
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        # No dataloader goes through prepare() with the model, so DeepSpeed learns the micro-batch here.
+        ds = acc.state.deepspeed_plugin.deepspeed_config
+        if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+            ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
@@ -248,35 +379,44 @@ def train_dpo_nll(model_path: str | Path, examples: list[dict], out_dir: str | P
 
     # LoRA: frozen base in `dtype`, adapters in fp32 (PEFT's default autocast_adapter_dtype).
     # Full fine-tuning: fp32 master weights with bf16 autocast, since a bf16 weight cannot
-    # absorb an update as small as lr=5e-7 (it rounds away).
+    # absorb an update as small as lr=5e-7 (it rounds away). (DeepSpeed and FSDP with
+    # mixed_precision: bf16 keep the fp32 master copy themselves.)
     lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype if cfg.lora else torch.float32)
     for m in lm.modules():  # as TRL: dropout would make π differ from π_ref at step 0
         if isinstance(m, nn.Dropout):
             m.p = 0.0
+    if cfg.gradient_checkpointing:
+        enable = getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
     if cfg.lora is not None:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        lm = get_peft_model(lm, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                                           target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM"))
+        lm = get_peft_model(lm, _peft_config(cfg))
     autocast = torch.autocast(acc.device.type, dtype=torch.bfloat16,
                               enabled=cfg.lora is None and dtype == torch.bfloat16)
     params = [p for p in lm.parameters() if p.requires_grad]
     policy, optimizer = acc.prepare(ResponseLogProbs(lm), torch.optim.AdamW(params, lr=cfg.learning_rate,
                                                                             weight_decay=0.0))
+    accum = acc.gradient_accumulation_steps  # DeepSpeed's config may have set it
 
     def score_all(adapters: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """One no-grad pass over all pairs, longest first: log-probs and token counts, [pairs, 2]."""
+        """One no-grad pass over all pairs, longest first: log-probs and token counts, [pairs, 2].
+        Each process scores every num_processes-th batch; the results are summed across them."""
         order = sorted(range(len(pairs)), key=lengths.__getitem__, reverse=True)
+        chunks = [order[s:s + 2 * cfg.batch_size] for s in range(0, len(order), 2 * cfg.batch_size)]
+        mine = chunks[acc.process_index::n_proc]
         logps, ntok = torch.zeros(len(pairs), 2, device=acc.device), torch.zeros(len(pairs), 2, device=acc.device)
         off = acc.unwrap_model(policy).lm.disable_adapter() if cfg.lora and not adapters else contextlib.nullcontext()
         policy.eval()
         with torch.no_grad(), off, autocast:
-            for s in range(0, len(order), 2 * cfg.batch_size):
-                b = {k: v.to(acc.device) for k, v in collate(pairs, order[s:s + 2 * cfg.batch_size], pad_id).items()}
+            for k in range(math.ceil(len(chunks) / n_proc)):
+                # a process out of batches repeats one (result unused): every process runs as many forwards
+                b = {key: v.to(acc.device) for key, v in collate(pairs, (mine + chunks)[k], pad_id).items()}
                 lp, n = policy(**b)
-                logps[b["index"]], ntok[b["index"]] = lp.float().view(2, -1).T, n.float().view(2, -1).T
+                if k < len(mine):
+                    logps[b["index"]], ntok[b["index"]] = lp.float().view(2, -1).T, n.float().view(2, -1).T
         policy.train()
-        return logps, ntok
+        return acc.reduce(logps, "sum"), acc.reduce(ntok, "sum")
 
     # ([pairs, 2]).T.flatten() is the [chosen..., rejected...] layout of a batch
     sums_of = lambda lp, n: _sums(dpo_nll_loss(lp.T.flatten(), ref.T.flatten(), n.T.flatten(),  # noqa: E731
@@ -288,34 +428,42 @@ def train_dpo_nll(model_path: str | Path, examples: list[dict], out_dir: str | P
     ref_seconds = time.time() - t_ref
 
     rng = random.Random(seed)
-    n_micro = math.ceil(len(pairs) / cfg.batch_size)
-    loader = lambda: acc.prepare(torch.utils.data.DataLoader(  # noqa: E731
-        range(len(pairs)), batch_sampler=plan_batches(lengths, cfg.batch_size, rng),
-        collate_fn=lambda idx: collate(pairs, idx, pad_id)))
-    steps_per_epoch = math.ceil(math.ceil(n_micro / acc.num_processes) / cfg.gradient_accumulation)
-    total_steps = steps_per_epoch * cfg.epochs
+
+    def loader():
+        """This epoch's batches: the same global batches for any process count, sharded."""
+        micro = shard_batches(plan_batches(lengths, cfg.batch_size * n_proc, rng), cfg.batch_size, n_proc, accum)
+        slots = [s for mb in micro for s in mb]
+        starts = list(itertools.accumulate(map(len, micro), initial=0))
+        return acc.prepare(torch.utils.data.DataLoader(
+            slots, batch_sampler=[list(range(a, b)) for a, b in zip(starts, starts[1:])],
+            collate_fn=lambda sl: collate(pairs, [i for i, _ in sl], pad_id, [w for _, w in sl])))
+
+    total_steps = planned_steps(len(pairs), cfg.batch_size, accum, n_proc, cfg.epochs)
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
 
     step, tokens, records, held = 0, 0, [], 0
     t_train = t_step = time.time()
-    # "w": a (re)run always starts again from M_t, so an older log would only mislead
-    with open(log_dir / "metrics.jsonl", "w", encoding="utf-8") as metrics_file:
+    # "w": a (re)run always starts again from M_t, so an older log would only mislead.
+    # Only the main process opens it (another one truncating it later would lose lines).
+    metrics_file = open(log_dir / "metrics.jsonl", "w", encoding="utf-8") if acc.is_main_process else None
+    with metrics_file or contextlib.nullcontext():
         for epoch in range(cfg.epochs):
             dl = loader()
             for i, batch in enumerate(dl):
+                real = batch["weight"] > 0
                 with acc.accumulate(policy):
                     with autocast:
                         logps, ntok = policy(**batch)
                     loss, terms = dpo_nll_loss(logps.float(), ref[batch["index"]].T.flatten(), ntok, cfg.beta,
-                                               cfg.nll_weight)
-                    acc.backward(loss)  # divided by gradient_accumulation inside
+                                               cfg.nll_weight, weights=batch["weight"])
+                    acc.backward(loss)  # divided by the accumulation inside
                     if acc.sync_gradients:
-                        acc.clip_grad_norm_(params, 1.0)
+                        acc.clip_grad_norm_(policy.parameters(), 1.0)
                     optimizer.step()  # a no-op until the last micro-batch of the step
                     optimizer.zero_grad()
-                held = held + _sums(terms)
-                tokens += int(batch["attention_mask"].sum())
+                held = held + _sums(terms, real)
+                tokens += int((batch["attention_mask"].sum(1) * real.repeat(2)).sum())
                 if not acc.sync_gradients:
                     continue
                 lr = scheduler.get_last_lr()[0]
@@ -327,7 +475,7 @@ def train_dpo_nll(model_path: str | Path, examples: list[dict], out_dir: str | P
                        "elapsed": round(now - t0, 3)}
                 t_step = now
                 records.append(rec)
-                if acc.is_main_process:
+                if metrics_file is not None:
                     metrics_file.write(json.dumps(rec) + "\n")
                     metrics_file.flush()
                     if progress is not None:
@@ -341,8 +489,8 @@ def train_dpo_nll(model_path: str | Path, examples: list[dict], out_dir: str | P
 
     t_save = time.time()
     acc.wait_for_everyone()
-    if acc.is_main_process:
-        lm = acc.unwrap_model(policy).lm
+    lm = _consolidated_lm(acc, policy, model_path, cfg)
+    if lm is not None:  # the main process
         if cfg.lora is not None:
             lm = lm.merge_and_unload()
         _save_atomically(lm.to(dtype), tokenizer, out_dir)
@@ -354,6 +502,8 @@ def train_dpo_nll(model_path: str | Path, examples: list[dict], out_dir: str | P
     summary = {
         "pairs": len(pairs), "steps": step, "epochs": cfg.epochs, "lora": cfg.lora is not None,
         "dtype": str(dtype).removeprefix("torch."), "beta": cfg.beta, "nll_weight": cfg.nll_weight,
+        "num_processes": n_proc, "distributed": str(acc.distributed_type.value),
+        "effective_batch": cfg.batch_size * accum * n_proc,
         "tokens": int(acc.reduce(torch.tensor(tokens, device=acc.device), "sum")),
         **trunc,
         "seconds": round(time.time() - t0, 3), "ref_seconds": round(ref_seconds, 3),
@@ -372,4 +522,4 @@ def train_dpo_nll(model_path: str | Path, examples: list[dict], out_dir: str | P
     return summary
 
 
-__all__ = ["train_dpo_nll"]
+__all__ = ["planned_steps", "train_dpo_nll"]

@@ -1,0 +1,256 @@
+"""Generation speed: lidr's respond path vs plain transformers at batch 1 vs llama.cpp's server.
+
+The same work for every engine: the demo's real prompts (lidr/data/demo_prompts.jsonl, ids
+in order, the four languages interleaved), formatted as lidr formats them
+(`choose_format(tokenizer, "auto").response_prompt(text, lang)`), greedy, the same stop
+strings (`fmt.response_stops(lang)`), repetition penalty 1.1 (the demo's), up to
+--max-new-tokens new tokens.
+
+- lidr: `HFBackend` (fp32 here: the CPU has no fast bf16) + `run_batched` at
+  --batch-size (default: the config default, generation.batch_size).
+- hf-batch1: the same fp32 model, `model.generate` one prompt at a time, with the same
+  stop strings (checked by a plain StoppingCriteria on the last tokens; transformers'
+  own `stop_strings` would add ~40 s of vocabulary preprocessing per stop set).
+  Runs on a subset (--n-batch1 prompts spread over the n) and is normalised per token.
+- llama.cpp: llama-cpp-python's server on the embedded Q4_K_M GGUF file (the file the
+  HF weights were dequantised from), --slots parallel slots (continuous batching),
+  driven by lidr's own `openai` backend with --slots requests in flight.
+
+Generated tokens are counted the same way for every engine: the returned text
+re-tokenised with the model's tokenizer. Model loading and server start-up are timed
+separately and left out of the rates; each engine gets a short warm-up call first.
+
+The machine's limit: FLOPs per token = 2 x parameters (the tied 262k x 640 embedding
+counted once, as the output layer it also is), against the torch fp32 / bf16 matmul rate
+measured here. "% of fp32 matmul" counts all tokens an engine processes (prompt and
+generated) x 2 x parameters per second, over the measured fp32 rate (llama.cpp computes
+on 4-bit weights, so for it this is a reference point, not a bound).
+
+    .venv/bin/python bench/generate.py            # n=32, about 3-5 minutes on 2 cores
+    .venv/bin/python bench/generate.py --n 2 --n-batch1 1 --max-new-tokens 8   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (sets sys.path to the checkout and quiets transformers)
+
+
+def parse_args(argv=None):
+    from lidr.config import GenerationConfig
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=32, help="answers for lidr and llama.cpp (default 32)")
+    p.add_argument("--n-batch1", type=int, default=8, help="answers for the batch-1 baseline (default 8)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--repetition-penalty", type=float, default=1.1)
+    p.add_argument("--batch-size", type=int, default=GenerationConfig().batch_size,
+                   help="lidr's generation batch (default: the config default)")
+    p.add_argument("--dtype", default="float32", help="lidr / hf-batch1 weights dtype (default float32)")
+    p.add_argument("--model", default="gemma-3-270m", help="lidr model spec (default: the embedded model)")
+    p.add_argument("--slots", type=int, default=8, help="llama.cpp parallel slots and requests in flight")
+    p.add_argument("--ctx-per-slot", type=int, default=1024, help="llama.cpp context per slot")
+    p.add_argument("--llama-args", default="", help="extra llama_cpp.server CLI arguments (one string)")
+    p.add_argument("--skip", default="", help="comma-separated engines to skip: lidr,hf-batch1,llama.cpp")
+    p.add_argument("--matmul-seconds", type=float, default=2.0, help="time per matmul measurement")
+    return p.parse_args(argv)
+
+
+# ---- engines -----------------------------------------------------------------------------
+
+def run_lidr(backend, items, batch_size, max_new, rep):
+    from lidr.backends import run_batched
+
+    out = {}
+    backend.generate([items[0][1]], max_new_tokens=2, stops=[items[0][2]], repetition_penalty=rep)  # warm-up
+    start = time.perf_counter()
+    run_batched(backend, items, batch_size=batch_size, on_result=out.__setitem__,
+                max_new_tokens=max_new, repetition_penalty=rep)
+    return {k: g.text for k, g in out.items()}, time.perf_counter() - start
+
+
+def run_hf_batch1(model, tokenizer, eos_ids, items, max_new, rep):
+    """Plain `generate`, one prompt at a time."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Stop(StoppingCriteria):  # the row ends once its last few tokens contain a stop string
+        def __init__(self, stops, prompt_len):
+            self.stops, self.prompt_len = stops, prompt_len
+
+        def __call__(self, input_ids, scores, **kw):
+            tail = tokenizer.decode(input_ids[0, max(self.prompt_len, input_ids.shape[1] - 8):])
+            return torch.tensor([any(s in tail for s in self.stops)])
+
+    def one(prompt, stops, limit):
+        enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+        n = enc.input_ids.shape[1]
+        with torch.inference_mode():
+            ids = model.generate(**enc, max_new_tokens=limit, do_sample=False, temperature=None, top_p=None,
+                                 top_k=None, repetition_penalty=rep, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=sorted(eos_ids),
+                                 stopping_criteria=StoppingCriteriaList([Stop(stops, n)]))[0, n:].tolist()
+        cut = next((i for i, t in enumerate(ids) if t in eos_ids), len(ids))
+        return tokenizer.decode(ids[:cut], skip_special_tokens=True)
+
+    one(items[0][1], items[0][2], 2)  # warm-up
+    out, start = {}, time.perf_counter()
+    for key, prompt, stops in items:
+        out[key] = one(prompt, stops, max_new)
+    return out, time.perf_counter() - start
+
+
+def run_llama(model_path, items, max_new, rep, slots, ctx_per_slot, extra):
+    """llama-cpp-python's server on the embedded GGUF, `slots` parallel slots, driven by lidr's
+    openai backend with `slots` requests in flight. Returns (texts, seconds, startup seconds)."""
+    sys.path.insert(0, str(common.ROOT / "tests"))
+    from servers import llama_server  # tests/servers.py: starts python -m llama_cpp.server on the GGUF
+
+    from lidr.backends import run_batched
+    from lidr.backends.openai import OpenAIBackend
+    from lidr.config import EndpointConfig
+
+    args = ["--n_parallel", str(slots)] if slots > 1 else []
+    t0 = time.perf_counter()
+    with llama_server(n_ctx=slots * ctx_per_slot, extra=args + extra) as url:
+        startup = time.perf_counter() - t0
+        server = EndpointConfig(url=url, model="gemma-3-270m", api_key_env=None, timeout=900,
+                                max_retries=0, concurrency=slots)
+        backend = OpenAIBackend(server, model_path)
+        backend.generate([items[0][1]], max_new_tokens=2, stops=[items[0][2]], repetition_penalty=rep)
+        out, start = {}, time.perf_counter()
+        run_batched(backend, items, batch_size=len(items), on_result=out.__setitem__,
+                    max_new_tokens=max_new, repetition_penalty=rep)
+        seconds = time.perf_counter() - start
+    return {k: g.text for k, g in out.items()}, seconds, startup
+
+
+def llama_parallel_flag() -> str | None:
+    """The llama_cpp.server flag for parallel slots in the installed version, if any."""
+    import subprocess
+
+    try:
+        help_text = subprocess.run([sys.executable, "-m", "llama_cpp.server", "--help"], capture_output=True,
+                                   text=True, timeout=120).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return "--n_parallel" if "--n_parallel" in help_text else None
+
+
+# ---- main --------------------------------------------------------------------------------
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    import torch
+
+    from lidr.backends.hf import HFBackend
+    from lidr.models import resolve_model
+    from lidr.templates import choose_format
+
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    info = common.machine()
+    common.print_machine(info)
+    print(f"started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
+
+    # The machine's limit, measured before any model is loaded.
+    fp32 = common.matmul_gflops("float32", seconds=args.matmul_seconds)
+    bf16 = common.matmul_gflops("bfloat16", seconds=args.matmul_seconds)
+    bw = common.memory_gbps()
+    print(f"torch matmul (1024^3, {torch.get_num_threads()} threads): fp32 {fp32:.1f} GFLOP/s, "
+          f"bf16 {bf16:.1f} GFLOP/s; memory read {bw:.1f} GB/s")
+
+    path = resolve_model(args.model)
+    t0 = time.perf_counter()
+    backend = HFBackend(path, dtype=args.dtype)
+    load_seconds = time.perf_counter() - t0
+    tok, model = backend.tokenizer, backend.model
+    params = sum(p.numel() for p in model.parameters())  # tied embedding / output layer once
+    flops_per_token = 2 * params
+    fmt = choose_format(tok, "auto")
+    items = common.demo_items(fmt, args.n)
+    step = max(1, len(items) // max(1, args.n_batch1))
+    sub = items[::step][: args.n_batch1]
+    ntok = backend.count_tokens
+    prompt_tokens = {k: ntok(p) for k, p, _ in items}
+    print(f"model {args.model}: {params / 1e6:.1f} M parameters ({model.get_output_embeddings().weight.numel() / 1e6:.1f} M "
+          f"in the output layer), {flops_per_token / 1e9:.3f} GFLOP per token; fp32 weights {4 * params / 1e9:.2f} GB; "
+          f"loaded in {load_seconds:.1f} s")
+    print(f"prompts: {len(items)} ({fmt.kind} format), mean {sum(prompt_tokens.values()) / len(items):.0f} tokens, "
+          f"max {max(prompt_tokens.values())}; batch-1 subset {len(sub)}; up to {args.max_new_tokens} new tokens; "
+          f"compute limit fp32 {fp32 * 1e9 / flops_per_token:.0f} tok/s, batch-1 bandwidth limit "
+          f"{bw * 1e9 / (4 * params):.1f} tok/s (fp32 weights read once per token)")
+
+    results = {}  # engine -> (texts by key, seconds, note)
+    if "lidr" not in skip:
+        print(f"running lidr (batch {args.batch_size}) ... load {common.loadavg()}", flush=True)
+        texts, secs = run_lidr(backend, items, args.batch_size, args.max_new_tokens, args.repetition_penalty)
+        results["lidr"] = (texts, secs, f"HFBackend+run_batched, batch {args.batch_size}, {args.dtype}")
+    if "hf-batch1" not in skip:
+        print(f"running hf-batch1 ({len(sub)} prompts) ... load {common.loadavg()}", flush=True)
+        texts, secs = run_hf_batch1(model, tok, backend.eos_ids, sub, args.max_new_tokens, args.repetition_penalty)
+        results["hf-batch1"] = (texts, secs, f"model.generate batch 1, {args.dtype}")
+    backend.close()
+    del model
+    if "llama.cpp" not in skip:
+        flag = llama_parallel_flag()
+        if flag is None:
+            print("llama.cpp: llama_cpp.server not installed or has no --n_parallel: skipped")
+        else:
+            print(f"running llama.cpp ({args.slots} slots) ... load {common.loadavg()}", flush=True)
+            texts, secs, startup = run_llama(path, items, args.max_new_tokens, args.repetition_penalty, args.slots,
+                                             args.ctx_per_slot, args.llama_args.split())
+            results["llama.cpp"] = (texts, secs, f"llama_cpp.server Q4_K_M, {args.slots} slots (start {startup:.0f} s)")
+    print(f"finished {time.strftime('%H:%M:%S')}, load average {common.loadavg()}")
+
+    # ---- table ----
+    rows, figures = [], {}
+    for name, (texts, secs, note) in results.items():
+        gen = sum(ntok(t) for t in texts.values())
+        processed = gen + sum(prompt_tokens[k] for k in texts)
+        n = len(texts)
+        f = {"answers": n, "gen_tokens": gen, "seconds": secs, "tok_s": gen / secs, "s_per_100": 100 * secs / n,
+             "tokens_per_answer": gen / n, "limit_share": processed * flops_per_token / secs / (fp32 * 1e9)}
+        figures[name] = f
+        rows.append([name, n, gen, round(f["tokens_per_answer"], 1), round(secs, 1), round(f["tok_s"], 1),
+                     round(f["s_per_100"], 1), f"{100 * f['limit_share']:.1f}%", note])
+    print()
+    print(common.table(["engine", "answers", "gen tok", "tok/answer", "seconds", "tok/s", "s/100 answers",
+                        "% fp32 matmul", "how"], rows))
+
+    # Same work? Identical greedy answers between engines on the prompts both ran.
+    if "lidr" in results:
+        for other in ("hf-batch1", "llama.cpp"):
+            if other in results:
+                a, b = results["lidr"][0], results[other][0]
+                same = sum(a[k].strip() == b[k].strip() for k in b if k in a)
+                print(f"identical answers lidr vs {other}: {same}/{len(b)}")
+
+    lidr, b1, ll = (figures.get(k) for k in ("lidr", "hf-batch1", "llama.cpp"))
+    nan = float("nan")
+    # vs batch 1: per generated token (the batch-1 subset's answers are not the same length mix);
+    # vs llama.cpp: per answer on the same n prompts.
+    speedup_b1 = lidr["tok_s"] / b1["tok_s"] if lidr and b1 else nan
+    speedup_ll = ll["s_per_100"] / lidr["s_per_100"] if lidr and ll else nan
+    print()
+    print(f"targets: lidr >= 15x hf batch-1: {'met' if speedup_b1 >= 15 else 'NOT met'} ({speedup_b1:.2f}x); "
+          f"lidr at least as fast as llama.cpp per answer: {'met' if speedup_ll >= 1 else 'NOT met'} ({speedup_ll:.2f}x)")
+    get = lambda f, k: f[k] if f else nan  # noqa: E731
+    print(common.keyvals({
+        "speedup_vs_hf_batch1": speedup_b1, "speedup_vs_llamacpp": speedup_ll,
+        "lidr_tok_s": get(lidr, "tok_s"), "hf_batch1_tok_s": get(b1, "tok_s"), "llamacpp_tok_s": get(ll, "tok_s"),
+        "lidr_s_per_100": get(lidr, "s_per_100"), "hf_batch1_s_per_100": get(b1, "s_per_100"),
+        "llamacpp_s_per_100": get(ll, "s_per_100"),
+        "lidr_limit_share": get(lidr, "limit_share"), "llamacpp_limit_share": get(ll, "limit_share"),
+        "hf_batch1_limit_share": get(b1, "limit_share"),
+        "fp32_gflops": fp32, "bf16_gflops": bf16, "gflop_per_token": flops_per_token / 1e9, "n": args.n,
+    }))
+
+
+if __name__ == "__main__":
+    main()
