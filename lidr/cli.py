@@ -36,12 +36,14 @@ def _fail(msg: str, code: int = 2) -> None:
 
 
 def _user_errors():
+    from lidr.errors import BackendError
     from lidr.languages import UnknownLanguage
     from lidr.models import ModelError
     from lidr.pipeline.loop import StageConflict, StageNotReady
     from lidr.records import RecordError
 
-    return (ConfigError, RecordError, ModelError, UnknownLanguage, StageConflict, StageNotReady)
+    return (ConfigError, RecordError, ModelError, UnknownLanguage, StageConflict, StageNotReady,
+            BackendError)
 
 
 def _make_loop(config: Optional[Path], sets: Optional[list[str]], out: Path, force: bool):

@@ -15,11 +15,11 @@ import torch
 from lidr.backends import make_backend, run_batched
 from lidr.backends.openai import GenerationFailed, OpenAIBackend
 from lidr.config import ConfigError, EndpointConfig, GenerationConfig, load_config
-from lidr.models import resolve_model
+from lidr.models import load_tokenizer, resolve_model
 from lidr.openai_client import client_from
 from lidr.pipeline.respond import respond
 from lidr.records import JsonlAppender, load_records
-from lidr.templates import OUT_CLOSE, choose_format, parse_translation
+from lidr.templates import OUT_CLOSE, PromptFormat, choose_format, parse_translation
 
 from servers import FaultyProxy
 
@@ -31,15 +31,20 @@ def tok_path() -> Path:
     return resolve_model(MODEL)  # converted once, cached in ~/.cache/lidr
 
 
+@pytest.fixture(scope="module")
+def tokenizer(tok_path):
+    return load_tokenizer(tok_path)  # loaded once for the tests that make their own backends
+
+
 def endpoint(url: str, **kw) -> EndpointConfig:
     return EndpointConfig(url=url, model=MODEL, api_key_env=kw.pop("api_key_env", None), **kw)
 
 
-def backend_at(url: str, tok_path: Path, **kw) -> OpenAIBackend:
+def backend_at(url: str, tokenizer, **kw) -> OpenAIBackend:
     server = endpoint(url, **kw)
     client = client_from(server)
     client.backoff = 0.05  # keep the retry waits short in tests
-    return OpenAIBackend(server, tok_path, client=client)
+    return OpenAIBackend(server, None, client=client, tokenizer=tokenizer)
 
 
 def test_greedy_text_stop_strings_and_finish_reason(llama_url, tok_path):
@@ -47,7 +52,7 @@ def test_greedy_text_stop_strings_and_finish_reason(llama_url, tok_path):
     try:
         fmt = choose_format(b.tokenizer, "completion")
         counting = b.tokenizer.bos_token + "1, 2, 3, 4, 5, 6,"
-        prompts = [counting, counting, fmt.translation_prompt("Good morning, my friend.", "en", "es")]
+        prompts = [counting, counting, fmt.translation_prompt("The cat is sleeping on the sofa.", "en", "es")]
         stops = [[" 9,"], [], fmt.translation_stops]
         outs = b.generate(prompts, max_new_tokens=24, stops=stops, repetition_penalty=1.0)
         # the stop string ends the row and is kept in the text, as with the hf backend
@@ -67,9 +72,9 @@ def test_greedy_text_stop_strings_and_finish_reason(llama_url, tok_path):
         b.close()
 
 
-def test_eos_is_not_taken_for_a_stop_string(llama_url, tok_path):
+def test_eos_is_not_taken_for_a_stop_string(llama_url, tokenizer):
     """A row that ends on EOS comes back without its stop string: it must stay without."""
-    b = backend_at(llama_url, tok_path)
+    b = backend_at(llama_url, tokenizer)
     try:
         r = b._parse({"choices": [{"text": "Hola", "finish_reason": "stop"}],
                       "usage": {"completion_tokens": 2}}, [OUT_CLOSE])
@@ -85,9 +90,9 @@ def test_eos_is_not_taken_for_a_stop_string(llama_url, tok_path):
         b.close()
 
 
-def test_retries_through_429_and_500(llama_url, tok_path):
+def test_retries_through_429_and_500(llama_url, tokenizer):
     with FaultyProxy(llama_url, {1: 429, 2: 500}) as proxy:
-        b = backend_at(proxy.url, tok_path, concurrency=1, max_retries=3)
+        b = backend_at(proxy.url, tokenizer, concurrency=1, max_retries=3)
         try:
             outs = b.generate(["<bos>Hello", "<bos>The sky is"], max_new_tokens=4, stops=[[], []])
         finally:
@@ -97,18 +102,26 @@ def test_retries_through_429_and_500(llama_url, tok_path):
     assert proxy.seen == 4
 
 
+class BarePrompt(PromptFormat):
+    """The instruction alone as the prompt: short requests, so the timeout below is far
+    above a real request's time even on a busy machine."""
+
+    def response_prompt(self, instruction: str, lang: str) -> str:
+        return self._bos() + instruction
+
+
 def _respond_rows(backend, out_dir: Path, gen: GenerationConfig):
-    fmt = choose_format(backend.tokenizer, "completion")
-    prompts = {"en": {"a": "What is 2 + 2?", "b": "Name a colour.", "c": "Say hello."}}
+    fmt = BarePrompt(kind="completion", tokenizer=backend.tokenizer)
+    prompts = {"en": {"a": "1, 2, 3,", "b": "Monday, Tuesday,", "c": "red, green,"}}
     respond(backend, fmt, prompts, out_dir, gen)
 
 
-def test_hung_requests_fail_are_counted_and_a_rerun_asks_only_for_the_missing(llama_url, tok_path, tmp_path):
-    gen = GenerationConfig(max_new_tokens=8, batch_size=8)
+def test_hung_requests_fail_are_counted_and_a_rerun_asks_only_for_the_missing(llama_url, tokenizer, tmp_path):
+    gen = GenerationConfig(max_new_tokens=3, batch_size=8)
     out = tmp_path / "responses"
-    # requests 1 and 2 (the first row and its one retry) hang past the 1.5 s timeout
-    with FaultyProxy(llama_url, {1: "hang", 2: "hang"}, hang_seconds=4) as proxy:
-        b = backend_at(proxy.url, tok_path, concurrency=1, max_retries=1, timeout=1.5)
+    # requests 1 and 2 (the first row and its one retry) hang past the timeout
+    with FaultyProxy(llama_url, {1: "hang", 2: "hang"}, hang_seconds=8) as proxy:
+        b = backend_at(proxy.url, tokenizer, concurrency=1, max_retries=1, timeout=4)
         try:
             with pytest.raises(GenerationFailed) as err:
                 _respond_rows(b, out, gen)
@@ -126,9 +139,9 @@ def test_hung_requests_fail_are_counted_and_a_rerun_asks_only_for_the_missing(ll
     assert sorted(r["id"] for r in recs) == ["a", "b", "c"]
 
 
-def test_a_server_that_refuses_everything_stops_early(llama_url, tok_path):
+def test_a_server_that_refuses_everything_stops_early(llama_url, tokenizer):
     with FaultyProxy(llama_url, always=503) as proxy:
-        b = backend_at(proxy.url, tok_path, concurrency=2, max_retries=0)
+        b = backend_at(proxy.url, tokenizer, concurrency=2, max_retries=0)
         got = []
         try:
             with pytest.raises(GenerationFailed, match="2 of 6 .* 4 were not sent"):

@@ -87,9 +87,29 @@ def test_judged_comparisons(run_dir: Path):
     ra = json.loads((run_dir / "eval" / "reward-accuracy" / "iter-1" / "summary.json").read_text())
     pairs = load_records(run_dir / "iter-1" / "pairs.jsonl")
     assert sum(v["n"] for v in ra["languages"].values()) == len(pairs)
+    # The cache holds exactly one judgment per distinct (instruction, first, second) asked:
+    # answers vs reference for M0 and M1 (identical answers of the two models share one),
+    # M1 vs M0 in both orders, and the pairs.
+    from lidr.eval import alpaca
+    from lidr.eval.judge import JudgmentCache
+
+    key = lambda *texts: JudgmentCache.key("gemma-3-270m", *texts)  # noqa: E731
+    data = alpaca.load_alpaca(DATA / "x-alpacaeval", ["en", "es"], limit=2)
+    answers = {k: alpaca.load_answers(run_dir / "eval" / f"M{k}" / "alpaca", ["en", "es"]) for k in (0, 1)}
+    expected = set()
+    for lang, items in data.items():
+        for it in items:
+            a0, a1 = answers[0][lang][it["id"]]["output"], answers[1][lang][it["id"]]["output"]
+            for a in (a0, a1):
+                first = alpaca.model_shown_first(0, lang, it["id"])
+                expected.add(key(it["instruction"], *((a, it["reference"]) if first else (it["reference"], a))))
+            expected |= {key(it["instruction"], a1, a0), key(it["instruction"], a0, a1)}
+    for p in pairs:
+        pk = f"{p['id']}|{p.get('kind', '')}|{p.get('via', '')}"
+        first = alpaca.model_shown_first(0, p["lang"], pk)
+        expected.add(key(p["prompt"], *((p["chosen"], p["rejected"]) if first else (p["rejected"], p["chosen"]))))
     cache = load_records(run_dir / "eval" / "judgments-cache.jsonl")
-    # 2 models x 2 languages x 2 items vs reference, 2 x 2 items x 2 orders head-to-head, the pairs
-    assert len(cache) == 8 + 8 + len(pairs)
+    assert {r["key"] for r in cache} == expected and len(cache) == len(expected)
 
 
 def test_rerun_skips_and_report_renders(run_dir: Path):

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from lidr.backends.hf import Generation
+from lidr.errors import BackendError
 from lidr.models import load_tokenizer
 from lidr.openai_client import OpenAIClient, RequestFailed, client_from
 
@@ -45,18 +46,18 @@ def tokenizer_source(spec: str) -> str | Path:
     return spec
 
 
-class GenerationFailed(RuntimeError):
+class GenerationFailed(BackendError):
     """Rows that failed after every retry; the rows that succeeded are already written."""
 
 
 class OpenAIBackend:
     name = "openai"
 
-    def __init__(self, server, tokenizer_path: str | Path, trust_remote_code: bool = False,
-                 client: OpenAIClient | None = None):
+    def __init__(self, server, tokenizer_path: str | Path | None, trust_remote_code: bool = False,
+                 client: OpenAIClient | None = None, tokenizer=None):
         self.server = server
         self.client = client or client_from(server)
-        self.tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=trust_remote_code)
+        self.tokenizer = tokenizer or load_tokenizer(tokenizer_path, trust_remote_code=trust_remote_code)
         # Servers tokenize the prompt with the model's own special-token rule: when that
         # rule adds BOS, the BOS text lidr's templates put in front is dropped (else the
         # model would see two BOS tokens, which degrades some models).

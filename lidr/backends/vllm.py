@@ -29,10 +29,11 @@ import traceback
 from pathlib import Path
 
 from lidr.backends.hf import Generation
+from lidr.errors import BackendError
 from lidr.models import load_tokenizer
 
 
-class VLLMError(RuntimeError):
+class VLLMError(BackendError):
     pass
 
 
