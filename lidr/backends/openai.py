@@ -181,8 +181,8 @@ class OpenAIBackend:
         if failed:
             done = len(items) - failed - skipped
             raise GenerationFailed(
-                f"{failed} of {len(items)} generation requests to {self.where} failed after "
-                f"{self.client.max_retries} retries"
+                f"{failed} of {len(items)} generation requests to {self.where} failed "
+                f"(retried up to {self.client.max_retries} times)"
                 + (f" and {skipped} were not sent (a whole batch failed)" if skipped else "")
                 + f"; the {done} that succeeded are saved. Run the same command again to generate only "
                 f"the missing rows. Last error: {errors[-1][:300]}"
