@@ -466,11 +466,20 @@ def config_reference() -> str:
                 (a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)),
                 None,
             )
-            # optional sections with no default (null) are shown as one value
             if sub is not None and f.get_default(call_default_factory=True) is not None:
                 out.append(f"{pad}{name}:")
                 walk(sub, indent + 1)
+            elif sub is not None:  # an optional section, off by default: its fields, commented out
+                out.append(f"{pad}{name}: null")
+                start = len(out)
+                out.append(f"{pad}# {name}:")
+                walk(sub, indent + 1)
+                out[start + 1:] = [ln if ln.lstrip().startswith("#") else f"{pad}# {ln[len(pad):]}"
+                                   for ln in out[start + 1:]]
             else:
+                if f.is_required():
+                    out.append(f"{pad}{name}: ...  # required")
+                    continue
                 default = f.get_default(call_default_factory=True)
                 if isinstance(default, BaseModel):
                     default = default.model_dump(mode="json")
