@@ -231,7 +231,9 @@ def main(argv=None) -> None:
                                                          args.slots, args.ctx_per_slot, args.llama_args.split())
         how = f"{n_slots} slots" if n_slots > 1 else "1 slot (no --n_parallel in this version)"
         results["llama.cpp-server"] = (texts, secs, f"llama_cpp.server Q4_K_M, {how}, {args.slots} in flight")
-    print(f"finished {time.strftime('%H:%M:%S')}, load average {common.loadavg()}")
+    fp32_end = common.matmul_gflops("float32", seconds=1.0)
+    print(f"finished {time.strftime('%H:%M:%S')}, load average {common.loadavg()}; fp32 matmul now {fp32_end:.1f} "
+          f"GFLOP/s (at start {fp32:.1f}: a drop means other jobs shared the CPU)")
 
     # ---- table ----
     rows, figures = [], {}
@@ -295,7 +297,7 @@ def main(argv=None) -> None:
         "llamacpp_s_per_100": get(ll, "s_per_100"), "llamacpp_server_s_per_100": get(srv, "s_per_100"),
         "lidr_limit_share": get(lidr, "limit_share"), "llamacpp_limit_share": get(ll, "limit_share"),
         "hf_batch1_limit_share": get(b1, "limit_share"), "lidr_row_steps_used": get(lidr, "row_steps_used"),
-        "fp32_gflops": fp32, "bf16_gflops": bf16, "gflop_per_token": flops_per_token / 1e9, "n": args.n,
+        "fp32_gflops": fp32, "fp32_gflops_end": fp32_end, "bf16_gflops": bf16, "gflop_per_token": flops_per_token / 1e9, "n": args.n,
     }))
 
 

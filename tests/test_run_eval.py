@@ -52,7 +52,7 @@ def run_dir(llama_url, tmp_path_factory) -> Path:
     cfg.write_text(CONFIG.format(data=DATA, url=llama_url))
     out = tmp_path_factory.mktemp("runs") / "eval"
     r = lidr("run", "-c", cfg, "--out", out)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.returncode == 0, r.stderr[-3000:]
     return out
 
 
@@ -113,11 +113,12 @@ def test_judged_comparisons(run_dir: Path):
 
 
 def test_rerun_skips_and_report_renders(run_dir: Path):
-    r = lidr("run", "--out", run_dir)
-    assert r.returncode == 0, r.stdout[-3000:]
-    assert "eval/M0: done, skipped" in r.stdout and "eval/M1: done, skipped" in r.stdout
+    r = lidr("run", "--out", run_dir)  # lidr's messages go to stderr
+    assert r.returncode == 0, r.stderr[-3000:]
+    for stage in ("eval/M0", "iter-1/respond", "iter-1/train", "eval/M1"):
+        assert f"{stage}: done, skipped" in r.stderr, r.stderr[-3000:]
     r = lidr("report", run_dir)
-    assert r.returncode == 0, r.stdout[-3000:]
+    assert r.returncode == 0, r.stderr[-3000:]
     html = (run_dir / "report.html").read_text()
     assert "MGSM" in html and "data:image/png;base64," in html and "M1 vs M0" in html.replace("-vs-", " vs ")
 
