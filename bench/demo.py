@@ -49,6 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--eval", action="store_true", help="keep the run's evaluation (off by default)")
     p.add_argument("--scaling", action="store_true",
                    help="LONG: one iteration at each of --sizes prompts per language, stage times side by side")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--sizes", default="16,32,64", help="prompts per language for --scaling")
     return p.parse_args(argv)
 
@@ -216,6 +217,10 @@ def targets(fig: dict) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     common.print_machine(common.machine())
     print(f"started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
     if args.run_dir:

@@ -64,6 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--llama-args", default="", help="extra llama_cpp.server CLI arguments (one string)")
     p.add_argument("--skip", default="", help="comma-separated engines to skip: lidr,hf-batch1,llama.cpp,llama.cpp-server")
     p.add_argument("--show", type=int, default=2, help="print this many answers of each engine (same prompts)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads for every engine (default: torch's default, i.e. all cores)")
     p.add_argument("--matmul-seconds", type=float, default=2.0, help="time per matmul measurement")
     return p.parse_args(argv)
 
@@ -172,6 +174,9 @@ def main(argv=None) -> None:
     from lidr.templates import choose_format
 
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
     info = common.machine()
     common.print_machine(info)
     print(f"started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
@@ -223,12 +228,15 @@ def main(argv=None) -> None:
 
         print(f"running llama.cpp batched ({args.slots} sequences) ... load {common.loadavg()}", flush=True)
         texts, secs, load = timed_run(str(embedded_gguf_path()), items, slots=args.slots, ctx_per_slot=args.ctx_per_slot,
-                                      max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty)
+                                      max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
+                                      threads=threads)
         results["llama.cpp"] = (texts, secs, f"libllama Q4_K_M, {args.slots} parallel sequences, continuous batching")
     if "llama.cpp-server" not in skip:
         print(f"running llama_cpp.server ... load {common.loadavg()}", flush=True)
         texts, secs, startup, n_slots = run_llama_server(path, items, args.max_new_tokens, args.repetition_penalty,
-                                                         args.slots, args.ctx_per_slot, args.llama_args.split())
+                                                         args.slots, args.ctx_per_slot,
+                                                         ["--n_threads", str(threads), "--n_threads_batch", str(threads)]
+                                                         + args.llama_args.split())
         how = f"{n_slots} slots" if n_slots > 1 else "1 slot (no --n_parallel in this version)"
         results["llama.cpp-server"] = (texts, secs, f"llama_cpp.server Q4_K_M, {how}, {args.slots} in flight")
     fp32_end = common.matmul_gflops("float32", seconds=1.0)

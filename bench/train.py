@@ -51,6 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--dtype", default="auto", help="lidr training.dtype; TRL gets the dtype it resolves to")
     p.add_argument("--skip", default="", help="lidr or trl")
+    p.add_argument("--threads", type=int, default=None, help="torch threads in each trainer (default: all cores)")
     p.add_argument("--trl-precompute-ref", action="store_true",
                    help="also let TRL precompute the reference log-probs (precompute_ref_log_probs=True)")
     # internal: one trainer in this process
@@ -153,6 +154,10 @@ def worker_trl(job: dict, precompute: bool) -> dict:
 def run_worker(args) -> None:
     job = json.loads(args.job.read_text())
     job["examples"] = [json.loads(line) for line in Path(job["examples_file"]).read_text().splitlines()]
+    if job.get("threads"):
+        import torch
+
+        torch.set_num_threads(job["threads"])
     if args.worker == "lidr":
         result = worker_lidr(job)
     else:
@@ -204,7 +209,7 @@ def main(argv=None) -> None:
         ex_file = workdir / "examples.jsonl"
         ex_file.write_text("".join(json.dumps(e) + "\n" for e in examples))
         job = {"model": str(model), "examples_file": str(ex_file), "workdir": tmp, "batch_size": args.batch_size,
-               "grad_accum": args.grad_accum, "dtype": args.dtype}
+               "grad_accum": args.grad_accum, "dtype": args.dtype, "threads": args.threads}
         for name in runs:
             print(f"running {name} ... load average {common.loadavg()}", flush=True)
             results[name] = spawn(name, {**job, "precompute": name == "trl-precompute"}, workdir)
