@@ -4,13 +4,14 @@ Default: runs `lidr run` on the built-in demo config in a fresh temp folder, in 
 process, with evaluation off (`--set eval.enabled=false`: the loop's four stages only;
 `--eval` keeps it, when eval data is configured). Timing hooks measure model compute:
 
-- forward: every outermost call of a transformers model (generate's per-step forward,
-  the training body) or of lidr's `ResponseLogProbs` (training: body + output layer);
+- forward: every outermost call of a transformers model (the training body) or of lidr's
+  `ResponseLogProbs` (training: body + output layer) or of the decoder's per-step forward
+  (`ContinuousDecoder._logits`: body + output layer);
 - backward: every `torch.autograd.backward` (`loss.backward()`), checkpoint
   recomputation included.
 
 Everything else inside a stage is "overhead": model loading and saving, tokenising,
-generate's per-step logits processing and stop checks, decoding, JSONL I/O, pair
+the decoder's repetition penalty, argmax and stop checks, cache joins, decoding, JSONL I/O, pair
 building, collation, optimizer steps, bookkeeping. The hooks themselves cost a few
 microseconds per module call (counted as overhead).
 
@@ -72,19 +73,38 @@ class ModelTimer:
 
         tracked = (PreTrainedModel, ResponseLogProbs)
 
+        def enter():
+            if self._depth == 0:
+                self._t0 = time.perf_counter()
+            self._depth += 1
+
+        def leave():
+            self._depth -= 1
+            if self._depth == 0:
+                self.forward += time.perf_counter() - self._t0
+                self.forward_calls += 1
+
         def pre(module, _args):
             if isinstance(module, tracked):
-                if self._depth == 0:
-                    self._t0 = time.perf_counter()
-                self._depth += 1
+                enter()
 
         def post(module, _args, _out):
             if isinstance(module, tracked):
-                self._depth -= 1
-                if self._depth == 0:
-                    self.forward += time.perf_counter() - self._t0
-                    self.forward_calls += 1
+                leave()
 
+        # generation calls the model's body, then the output layer itself (lidr/head.py)
+        from lidr.backends.decode import ContinuousDecoder
+
+        logits = ContinuousDecoder._logits
+
+        def timed_logits(decoder, *args):
+            enter()
+            try:
+                return logits(decoder, *args)
+            finally:
+                leave()
+
+        ContinuousDecoder._logits = timed_logits
         torch.nn.modules.module.register_module_forward_pre_hook(pre)
         torch.nn.modules.module.register_module_forward_hook(post, always_call=True)
         original = torch.autograd.backward
@@ -153,8 +173,8 @@ def stage_rows(run_dir: Path, per_stage: dict | None) -> tuple[list[list], dict]
             fwd, bwd = per_stage[key]["forward"], per_stage[key]["backward"]
         elif stage == "train" and (run_dir / it / "train" / "summary.json").exists():
             s = json.loads((run_dir / it / "train" / "summary.json").read_text())
-            # ref + train + final pass: forward and backward together (and collation, optimizer steps)
-            fwd, bwd = s["ref_seconds"] + s["train_seconds"] + s["final_pass_seconds"], 0.0
+            # ref + train (+ final pass, if on): forward and backward together (and collation, optimizer steps)
+            fwd, bwd = s["ref_seconds"] + s["train_seconds"] + (s.get("final_pass_seconds") or 0.0), 0.0
         elif stage == "pairs":
             fwd, bwd = 0.0, 0.0  # no model
         tot["loop"] += secs
@@ -205,8 +225,13 @@ def report(run_dir: Path, per_stage: dict | None, wall: float | None) -> dict:
     print(f"model forward {tot['forward']:.1f} s + backward {tot['backward']:.1f} s of {tot['known']:.1f} s "
           f"measured stage time -> overhead share {100 * share:.1f} %"
           + ("" if tot["known"] == tot["loop"] else f" (stages without a model-time measure left out)"))
+    state = json.loads((run_dir / "state.json").read_text())["stages"]
+    evals = {k: v.get("seconds") or 0.0 for k, v in state.items() if k.startswith("eval/")}
+    if evals:
+        print("evaluation: " + ", ".join(f"{k} {v:.1f} s" for k, v in evals.items())
+              + f"; total {sum(evals.values()):.1f} s")
     return {"loop_seconds": tot["loop"], "overhead_share": share, "wall_seconds": wall if wall is not None else float("nan"),
-            "model_seconds": tot["model"]}
+            "model_seconds": tot["model"], "eval_seconds": sum(evals.values()) if evals else float("nan")}
 
 
 def targets(fig: dict) -> None:
@@ -243,7 +268,8 @@ def main(argv=None) -> None:
             fig = report(out, per_stage, wall)
         targets(fig)
         print(common.keyvals({"loop_seconds": fig["loop_seconds"], "overhead_share": fig["overhead_share"],
-                              "wall_seconds": fig["wall_seconds"], "model_seconds": fig["model_seconds"]}))
+                              "wall_seconds": fig["wall_seconds"], "model_seconds": fig["model_seconds"],
+                              "eval_seconds": fig["eval_seconds"]}))
         return
 
     # --scaling: one iteration per size, fresh folders

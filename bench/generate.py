@@ -6,8 +6,8 @@ in order, the four languages interleaved), formatted as lidr formats them
 strings (`fmt.response_stops(lang)`), repetition penalty 1.1 (the demo's), up to
 --max-new-tokens new tokens.
 
-- lidr: `HFBackend` (fp32 here: the CPU has no fast bf16) + `run_batched` at
-  --batch-size (default: the config default, generation.batch_size).
+- lidr: `HFBackend` (fp32 here: the CPU has no fast bf16) + `run_batched`: continuous
+  batching with at most --batch-size rows (default: the config default, generation.batch_size).
 - hf-batch1: the same fp32 model, `model.generate` one prompt at a time, with the same
   stop strings (checked by a plain StoppingCriteria on the last tokens; transformers'
   own `stop_strings` would add ~40 s of vocabulary preprocessing per stop set).
@@ -78,10 +78,18 @@ def run_lidr(backend, items, batch_size, max_new, rep):
     out = {}
     warm = items[:2]  # warm-up, padded batch
     backend.generate([p for _, p, _ in warm], max_new_tokens=2, stops=[s for *_, s in warm], repetition_penalty=rep)
+    # Count the decoder's forward calls and the rows in each (one-token calls are decoding steps).
+    calls, forward = [], backend.decoder._logits
+    backend.decoder._logits = lambda ids, *a: calls.append(tuple(ids.shape)) or forward(ids, *a)
     start = time.perf_counter()
     run_batched(backend, items, batch_size=batch_size, on_result=out.__setitem__,
                 max_new_tokens=max_new, repetition_penalty=rep)
-    return {k: g.text for k, g in out.items()}, time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    backend.decoder._logits = forward
+    steps = [rows for rows, width in calls if width == 1]
+    print(f"lidr: {len(calls) - len(steps)} prefill calls, {len(steps)} decoding steps, "
+          f"{sum(steps) / max(1, len(steps)):.1f} rows per step on average (every row-step makes a token of a live row)")
+    return {k: g.text for k, g in out.items()}, seconds
 
 
 def run_hf_batch1(model, tokenizer, eos_ids, items, max_new, rep):
@@ -258,18 +266,6 @@ def main(argv=None) -> None:
     print(common.table(["engine", "answers", "gen tok", "tok/answer", "seconds", "tok/s", "s/100 answers",
                         "% fp32 matmul", "how"], rows))
 
-    if "lidr" in results:
-        # lidr's batches run until their longest row ends: row-steps spent on rows already finished
-        texts = results["lidr"][0]
-        order = sorted(items, key=lambda it: prompt_tokens[it[0]])
-        used = spent = 0
-        for b in range(0, len(order), args.batch_size):
-            lens = [min(args.max_new_tokens, ntok(texts[k]) + 1) for k, _, _ in order[b:b + args.batch_size]]
-            used, spent = used + sum(lens), spent + len(lens) * max(lens)
-        figures["lidr"]["row_steps_used"] = used / spent
-        print(f"lidr decode row-steps that produced a token of an unfinished row: {100 * used / spent:.0f}% "
-              f"(the rest went to rows already stopped, kept in the batch until its longest row ends)")
-
     # Same work? Identical greedy answers between engines on the prompts both ran.
     if "lidr" in results:
         for other in ("hf-batch1", "llama.cpp", "llama.cpp-server"):
@@ -304,7 +300,7 @@ def main(argv=None) -> None:
         "lidr_s_per_100": get(lidr, "s_per_100"), "hf_batch1_s_per_100": get(b1, "s_per_100"),
         "llamacpp_s_per_100": get(ll, "s_per_100"), "llamacpp_server_s_per_100": get(srv, "s_per_100"),
         "lidr_limit_share": get(lidr, "limit_share"), "llamacpp_limit_share": get(ll, "limit_share"),
-        "hf_batch1_limit_share": get(b1, "limit_share"), "lidr_row_steps_used": get(lidr, "row_steps_used"),
+        "hf_batch1_limit_share": get(b1, "limit_share"),
         "fp32_gflops": fp32, "fp32_gflops_end": fp32_end, "bf16_gflops": bf16, "gflop_per_token": flops_per_token / 1e9, "n": args.n,
     }))
 

@@ -8,7 +8,9 @@ lr 5e-5 cosine with 10 % warm-up, beta 0.5, NLL weight 1, max length 512, no gra
 checkpointing (lidr's default; TRL's default is on, so it is switched off for TRL).
 
 - lidr: `lidr.pipeline.train.train_dpo_nll`: reference log-probs in one no-grad pass,
-  logits only at response positions, then a final scoring pass (metrics) and merge + save.
+  each prompt run once for both responses, logits only at response positions, then merge +
+  save (and a final scoring pass for metrics with --final-metrics: `training.final_metrics`,
+  off by default).
 - TRL: `DPOTrainer(loss_type=["sigmoid", "sft"], loss_weights=[1, 1])` with a peft_config
   (the reference is the base model with adapters disabled, scored every step), then
   merge + save.
@@ -16,7 +18,7 @@ checkpointing (lidr's default; TRL's default is on, so it is switched off for TR
 Each trainer runs in its own subprocess, so the peak resident memory (ru_maxrss at the
 end) is its own. "train work" is what both must do to train: lidr's reference pass +
 training steps vs TRL's `trainer.train()`; "end to end" adds loading, tokenising,
-lidr's final metrics pass, and merge + save.
+lidr's final metrics pass (if on), and merge + save.
 
     .venv/bin/python bench/train.py                  # 25 pairs: about 5 minutes on 2 cores
     .venv/bin/python bench/train.py --limit 2        # smoke test
@@ -52,6 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="auto", help="lidr training.dtype; TRL gets the dtype it resolves to")
     p.add_argument("--skip", default="", help="lidr or trl")
     p.add_argument("--threads", type=int, default=None, help="torch threads in each trainer (default: all cores)")
+    p.add_argument("--final-metrics", action="store_true",
+                   help="lidr scores all pairs again after training (training.final_metrics)")
     p.add_argument("--trl-precompute-ref", action="store_true",
                    help="also let TRL precompute the reference log-probs (precompute_ref_log_probs=True)")
     # internal: one trainer in this process
@@ -99,14 +103,17 @@ def worker_lidr(job: dict) -> dict:
     cfg = TrainingConfig(beta=0.5, nll_weight=1.0, learning_rate=5e-5, epochs=1, batch_size=job["batch_size"],
                          gradient_accumulation=job["grad_accum"], lr_scheduler="cosine", warmup_ratio=0.1,
                          max_length=512, lora=LoraConfig(r=16, alpha=32, dropout=0.0, target_modules="all-linear"),
-                         dtype=job["dtype"], gradient_checkpointing=False)
+                         dtype=job["dtype"], gradient_checkpointing=False,
+                         final_metrics=job.get("final_metrics", False))
     work = Path(job["workdir"])
     start = time.perf_counter()
     s = train_dpo_nll(job["model"], job["examples"], work / "lidr-model", cfg, seed=0, log_dir=work / "lidr-log")
     total = time.perf_counter() - start
     steps = [json.loads(line) for line in (work / "lidr-log" / "metrics.jsonl").read_text().splitlines()]
-    parts = {"ref": s["ref_seconds"], "train": s["train_seconds"], "final pass": s["final_pass_seconds"],
-             "merge+save": s["save_seconds"]}
+    parts = {"ref": s["ref_seconds"], "train": s["train_seconds"]}
+    if s.get("final_pass_seconds") is not None:  # only with training.final_metrics
+        parts["final pass"] = s["final_pass_seconds"]
+    parts["merge+save"] = s["save_seconds"]
     parts = {"load+tokenise": total - sum(parts.values()), **parts}
     return {"total": total, "work": s["ref_seconds"] + s["train_seconds"], "parts": parts, "steps": s["steps"],
             "dtype": s["dtype"], "first_loss": steps[0]["loss"], "last_loss": steps[-1]["loss"]}
@@ -209,7 +216,8 @@ def main(argv=None) -> None:
         ex_file = workdir / "examples.jsonl"
         ex_file.write_text("".join(json.dumps(e) + "\n" for e in examples))
         job = {"model": str(model), "examples_file": str(ex_file), "workdir": tmp, "batch_size": args.batch_size,
-               "grad_accum": args.grad_accum, "dtype": args.dtype, "threads": args.threads}
+               "grad_accum": args.grad_accum, "dtype": args.dtype, "threads": args.threads,
+               "final_metrics": args.final_metrics}
         for name in runs:
             print(f"running {name} ... load average {common.loadavg()}", flush=True)
             results[name] = spawn(name, {**job, "precompute": name == "trl-precompute"}, workdir)

@@ -171,7 +171,8 @@ def make_plan(cfg: Config, root: str | Path) -> Plan:
                   f"DPO + NLL (beta {tc.beta}, NLL weight {tc.nll_weight}), {what}, lr {tc.learning_rate}, "
                   f"{tc.epochs} epoch(s), effective batch {eff} = {tc.batch_size} x {tc.gradient_accumulation} "
                   f"accumulation x {W} process(es), max length {tc.max_length}"
-                  + (", gradient checkpointing" if tc.gradient_checkpointing else "")),
+                  + (", gradient checkpointing" if tc.gradient_checkpointing else "")
+                  + (", then a metrics pass over all pairs" if tc.final_metrics else "")),
     ]
 
     evaluation, eval_note = None, None

@@ -679,6 +679,7 @@ def training_section(run: Run) -> Section:
     sec = Section("Training")
     curves: dict[int, list[dict]] = {}
     rows = []
+    steps_only = False
     for t in run.iterations():
         train = run.dir / f"iter-{t}" / "train"
         metrics = train / "metrics.jsonl"
@@ -696,14 +697,20 @@ def training_section(run: Run) -> Section:
         if s is None:
             continue
         # before and after: the full passes over the pairs, else the first and last batches
+        # (no final pass unless training.final_metrics: then "after" is the last step's batch)
         first = _dict(s.get("initial")) or _dict(s.get("first_step"))
-        last = _dict(s.get("final")) or _dict(s.get("last_step"))
+        last = _dict(s.get("final"))
+        last_step = not last and bool(_dict(s.get("last_step")))
+        if last_step:
+            last = _dict(s.get("last_step"))
+            steps_only = True
 
         def arrow(key, digits=3):
             a, b = _num(first.get(key)), _num(last.get(key))
             return Cell(f"{_fmt(a, digits)} → {_fmt(b, digits)}" if a is not None or b is not None else "–")
 
-        rows.append([Cell(f"iter-{t}", bold=True), str(s.get("pairs", "–")), str(s.get("steps", "–")),
+        rows.append([Cell(f"iter-{t}", bold=True, sub="after: last step" if last_step else ""),
+                     str(s.get("pairs", "–")), str(s.get("steps", "–")),
                      _duration(_num(s.get("seconds"))), arrow("loss"), arrow("dpo_loss"), arrow("nll_loss"),
                      arrow("reward_margin"), arrow("reward_accuracy")])
     if not rows and not curves:
@@ -713,7 +720,9 @@ def training_section(run: Run) -> Section:
         sec.blocks.append(Table(["iteration", "pairs", "steps", "time", "loss", "DPO loss", "NLL loss",
                                  "reward margin", "reward accuracy"], rows,
                                 note="Before → after training: passes over all the iteration's pairs "
-                                     "(train/summary.json initial, final; else its first and last step)."))
+                                     "(train/summary.json initial, final; else its first and last step)."
+                                     + (" \"after: last step\": no final pass over the pairs (training.final_metrics "
+                                        "off), so \"after\" is the last training step's batch." if steps_only else "")))
     if curves:
         fig = Figure(figsize=(11, 6.6), layout="constrained")
         axes = fig.subplots(2, 2).ravel()

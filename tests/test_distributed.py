@@ -86,7 +86,8 @@ def test_shard_batches_weights():
 def test_two_processes_match_one(tmp_path):
     model = _tiny(tmp_path / "tiny")
     common = dict(beta=0.5, nll_weight=1.0, learning_rate=2e-3, epochs=3, gradient_accumulation=2,
-                  warmup_ratio=0.0, lr_scheduler="linear", dtype="float32", max_length=64, lora=None)
+                  warmup_ratio=0.0, lr_scheduler="linear", dtype="float32", max_length=64, lora=None,
+                  final_metrics=True)
     one = TrainingConfig(batch_size=2, **common)
     two = TrainingConfig(batch_size=1, num_processes=2, **common)
     assert not launch.launched(one) and launch.launched(two)
@@ -105,7 +106,8 @@ def test_two_processes_match_one(tmp_path):
     for x, y in zip(a, b):
         for k in keys:
             assert y[k] == pytest.approx(x[k], rel=1e-3, abs=1e-5), (x["step"], k)
-        assert y["reward_accuracy"] == x["reward_accuracy"]
+        if x["step"] > 1:  # at step 1 π = π_ref: every margin is 0 up to rounding, and so is its sign
+            assert y["reward_accuracy"] == x["reward_accuracy"]
     assert a[-1]["loss"] < a[0]["loss"] - 0.05  # it did train
     for part in ("initial", "final"):  # reference / final passes, scored per process and summed
         for k in ("loss", "reward_margin", "reward_accuracy"):
@@ -126,7 +128,9 @@ def test_two_processes_match_one(tmp_path):
     w = lambda m: m.model.layers[1].mlp.down_proj.weight  # noqa: E731
     assert not torch.equal(w(m1), w(base))
     for (n, p1), (_, p2) in zip(m1.named_parameters(), m2.named_parameters()):
-        torch.testing.assert_close(p2, p1, rtol=1e-3, atol=1e-5, msg=n)
+        # (atol: Adam's first step is ~lr x sign(gradient), so an element whose gradient is at rounding
+        # level can move by up to lr either way; the updates themselves are ~7e-3)
+        torch.testing.assert_close(p2, p1, rtol=1e-3, atol=1e-4, msg=n)
 
 
 def test_launch_failure_reports_log(tmp_path, monkeypatch):

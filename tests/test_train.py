@@ -1,7 +1,8 @@
 """Stage 4 (lidr.pipeline.train): the loss equals TRL's DPO+SFT loss, training runs and saves,
-log-probs are taken on response tokens only, long pairs are truncated.
+log-probs are taken on response tokens only, the shared-prompt forward (prompt once, its KV
+cache for both responses) equals whole prompt+response sequences, long pairs are truncated.
 
-Everything runs on a tiny random Gemma 3 model and a word-level tokenizer built here (no Hub)."""
+Everything runs on tiny random Gemma 3 / Llama models and a word-level tokenizer built here (no Hub)."""
 
 from __future__ import annotations
 
@@ -170,28 +171,172 @@ def test_loss_matches_trl(tiny, tmp_path, lora):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
 
 
+def _full_batch(pairs, index, pad_id):
+    """The full-sequence layout (lidr's collate before the shared-prompt path): 2B right-padded
+    prompt+response sequences, chosen rows then rejected rows; response_mask marks the response."""
+    seqs, masks = [], []
+    for side in ("chosen", "rejected"):
+        for i in index:
+            p, y = pairs[i].prompt, getattr(pairs[i], side)
+            seqs.append(p + y)
+            masks.append([0] * len(p) + [1] * len(y))
+    width = max(map(len, seqs))
+    pad = lambda rows, v: torch.tensor([r + [v] * (width - len(r)) for r in rows])  # noqa: E731
+    return {"input_ids": pad(seqs, pad_id), "attention_mask": pad([[1] * len(x) for x in seqs], 0),
+            "response_mask": pad(masks, 0)}
+
+
 def test_response_logps_equal_full_logits(tiny, monkeypatch):
-    """Head on response positions only == full logits' log_softmax gathered at response tokens."""
+    """Head on response positions only == full logits' log_softmax gathered at response tokens,
+    for both layouts (pairs with a shared prompt, and full sequences)."""
     tok, lm = _load(tiny)
     pairs, _ = tokenize_pairs(tok, EXAMPLES[:4], max_length=512)
     batch = collate(pairs, [0, 1, 2, 3], tok.pad_token_id)
-    sel = batch["response_mask"].bool()
-    assert batch["input_ids"][0][sel[0]].tolist() == pairs[0].chosen  # the mask marks exactly the response
-    assert batch["input_ids"][4][sel[4]].tolist() == pairs[0].rejected
+    sel = batch["prompt_attention_mask"].bool()
+    assert batch["prompt_ids"][1][sel[1]].tolist() == pairs[1].prompt and not sel[1, 0]  # left-padded
+    sel = batch["response_attention_mask"].bool()
+    assert batch["response_ids"][0][sel[0]].tolist() == pairs[0].chosen  # right-padded
+    assert batch["response_ids"][4][sel[4]].tolist() == pairs[0].rejected
 
-    logits = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    per_token = logits[:, :-1].log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
-    expected = (per_token * batch["response_mask"][:, 1:]).sum(1)
-    logps, ntok = ResponseLogProbs(lm)(**batch)
-    torch.testing.assert_close(logps, expected, rtol=1e-5, atol=1e-5)
-    assert ntok.tolist() == [len(p.chosen) for p in pairs] + [len(p.rejected) for p in pairs]
+    full = _full_batch(pairs, [0, 1, 2, 3], tok.pad_token_id)
+    logits = lm(input_ids=full["input_ids"], attention_mask=full["attention_mask"]).logits
+    per_token = logits[:, :-1].log_softmax(-1).gather(-1, full["input_ids"][:, 1:, None]).squeeze(-1)
+    expected = (per_token * full["response_mask"][:, 1:]).sum(1)
+    counts = [len(p.chosen) for p in pairs] + [len(p.rejected) for p in pairs]
+    for b in (batch, full):
+        logps, ntok = ResponseLogProbs(lm)(**b)
+        torch.testing.assert_close(logps, expected, rtol=1e-5, atol=1e-5)
+        assert ntok.tolist() == counts
+    # (lidr.eval.likelihood passes full sequences positionally)
+    positional, _ = ResponseLogProbs(lm)(full["input_ids"], full["attention_mask"], full["response_mask"])
+    torch.testing.assert_close(positional, expected, rtol=1e-5, atol=1e-5)
+    # the full-sequence fallback rebuilds exactly the old layout from the pairs layout
+    rebuilt = train_mod._full_sequences(*(batch[k] for k in ("prompt_ids", "prompt_attention_mask", "response_ids",
+                                                              "response_attention_mask")))
+    for k, v in zip(("input_ids", "attention_mask", "response_mask"), rebuilt):
+        assert torch.equal(v * full["attention_mask"], full[k] * full["attention_mask"]), k
 
     # The chunked, recomputed head (for long batches) gives the same values and gradients.
+    logps, _ = ResponseLogProbs(lm)(**batch)
     grads = torch.autograd.grad(logps.sum(), lm.model.layers[0].mlp.up_proj.weight)
     monkeypatch.setattr(train_mod, "LOGITS_BLOCK", 3 * lm.config.vocab_size)
     chunked, _ = ResponseLogProbs(lm)(**batch)
     torch.testing.assert_close(chunked, logps, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(torch.autograd.grad(chunked.sum(), lm.model.layers[0].mlp.up_proj.weight), grads)
+
+
+def _tiny_lm(kind: str):
+    """A random tiny causal LM from a config, fp32: Gemma 3 with a sliding window (4) far shorter
+    than the sequences (one sliding and one full-attention layer, logit soft-capping), or Llama."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
+
+    torch.manual_seed(0)
+    if kind == "gemma3":
+        config = Gemma3TextConfig(
+            vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=1, head_dim=16, max_position_embeddings=256, sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"], final_logit_softcapping=30.0, pad_token_id=0)
+    else:
+        config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                             pad_token_id=0)
+    return AutoModelForCausalLM.from_config(config).float()
+
+
+class _CountCalls:
+    """Counts the calls of a module's forward (the body: 2 per batch on the shared-prompt path, 1 on the full one)."""
+
+    def __init__(self, module):
+        self.n = 0
+        module.register_forward_pre_hook(lambda *_: setattr(self, "n", self.n + 1))
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "llama"])
+def test_shared_prompt_matches_full_sequences(tiny, kind):
+    """The shared-prompt path (prompt once, its KV cache replicated for chosen and rejected) gives
+    the full-sequence path's log-probs, token counts, and LoRA gradients of a DPO+NLL step, on a
+    batch of pairs with different prompt and response lengths (padding on both sides)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    tok = _load(tiny)[0]
+    pairs, _ = tokenize_pairs(tok, EXAMPLES, max_length=512)
+    index = [0, 1, 2, 7, 5]
+    assert len({len(pairs[i].prompt) for i in index}) > 2 and min(len(pairs[i].prompt) for i in index) > 4
+    batch = collate(pairs, index, tok.pad_token_id)
+    weights = torch.tensor([0.1, 0.2, 0.3, 0.25, 0.15])
+    lm = get_peft_model(_tiny_lm(kind), PeftLoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():  # B starts at 0 (π = π_ref): make the adapters do something
+        for name, p in lm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    lora = [p for p in lm.parameters() if p.requires_grad]
+    calls = _CountCalls(lm.get_base_model().model)
+
+    def step(shared: bool):
+        policy = ResponseLogProbs(lm)
+        policy.shared_prompt = shared
+        with torch.no_grad(), lm.disable_adapter():
+            ref, _ = policy(**batch)
+        logps, ntok = policy(**batch)
+        loss, _ = dpo_nll_loss(logps, ref, ntok, BETA, ALPHA, weights=weights)
+        return ref, logps, ntok, torch.autograd.grad(loss, lora)
+
+    n0 = calls.n
+    ref_s, logps_s, ntok_s, grads_s = step(True)
+    assert calls.n - n0 == 4  # prompts, then responses; reference and policy
+    n0 = calls.n
+    ref_f, logps_f, ntok_f, grads_f = step(False)
+    assert calls.n - n0 == 2
+    torch.testing.assert_close(ref_s, ref_f, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logps_s, logps_f, rtol=1e-5, atol=1e-5)
+    assert (logps_s - ref_s).abs().max() > 1e-2  # the adapters matter
+    assert ntok_s.tolist() == ntok_f.tolist() == [len(pairs[i].chosen) for i in index] + [
+        len(pairs[i].rejected) for i in index]
+    for a, b in zip(grads_s, grads_f):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert all(g.abs().sum() > 0 for g in grads_s)  # the gradient reaches the prompt's layers too
+
+    # each pair alone, unpadded, through the model's own full forward
+    with torch.no_grad():
+        for k, i in enumerate(index):
+            for side, row in (("chosen", k), ("rejected", len(index) + k)):
+                p, y = pairs[i].prompt, getattr(pairs[i], side)
+                seq = torch.tensor([p + y])
+                logits = lm(input_ids=seq).logits[0, len(p) - 1:-1].float().log_softmax(-1)
+                want = logits.gather(-1, seq[0, len(p):, None]).sum()
+                assert logps_s[row].item() == pytest.approx(want.item(), abs=1e-4)
+
+
+def test_shared_prompt_fallbacks(tiny):
+    """The full-sequence path where the cache cannot be used: gradient checkpointing on (transformers
+    drops the cache there), or a body without a cache argument. Same values either way."""
+    tok = _load(tiny)[0]
+    pairs, _ = tokenize_pairs(tok, EXAMPLES[:3], max_length=512)
+    batch = collate(pairs, [0, 1, 2], tok.pad_token_id)
+    lm = _tiny_lm("gemma3")
+    calls = _CountCalls(lm.model)
+    shared, _ = ResponseLogProbs(lm)(**batch)
+    assert calls.n == 2
+    (getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable)({"use_reentrant": False})
+    lm.train()
+    policy = ResponseLogProbs(lm)
+    logps, _ = policy(**batch)
+    assert calls.n == 3  # one full-sequence pass
+    torch.testing.assert_close(logps, shared, rtol=1e-5, atol=1e-5)
+    logps.sum().backward()  # and it trains
+
+    class NoCache(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None):
+            return input_ids
+
+    class OldCache(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=None):
+            return input_ids
+
+    assert train_mod._cache_argument(lm.model) == "cache"
+    assert train_mod._cache_argument(OldCache()) == "past_key_values"
+    assert train_mod._cache_argument(NoCache()) is None
 
 
 def _cfg(**kw):
@@ -201,7 +346,8 @@ def _cfg(**kw):
 
 def test_train_lora_end_to_end(tiny, tmp_path):
     calls = []
-    cfg = _cfg(learning_rate=1e-3, epochs=5, batch_size=2, gradient_accumulation=2, lora=LoraConfig(r=8, alpha=16))
+    cfg = _cfg(learning_rate=1e-3, epochs=5, batch_size=2, gradient_accumulation=2, lora=LoraConfig(r=8, alpha=16),
+               final_metrics=True)
     summary = train_dpo_nll(tiny, EXAMPLES, tmp_path / "model", cfg, seed=0, log_dir=tmp_path / "log",
                             progress=lambda s, n, m: calls.append((s, n)))
 
@@ -215,6 +361,11 @@ def test_train_lora_end_to_end(tiny, tmp_path):
     assert json.loads((tmp_path / "log/summary.json").read_text()) == summary
     assert summary["final"]["loss"] < summary["initial"]["loss"]
     assert summary["final_reward_accuracy"] > 0.5 and summary["final_reward_margin"] > 0
+    assert summary["final_pass_seconds"] >= 0
+    # tokens the body processed: each prompt once, both responses, every epoch
+    tok, _ = _load(tiny)
+    pairs, _ = tokenize_pairs(tok, EXAMPLES, max_length=128)
+    assert summary["tokens"] == 5 * sum(len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
 
     # The saved model is a plain causal LM (LoRA merged) and scores the pairs as the trained policy did.
     tok, base = _load(tiny)
@@ -236,6 +387,9 @@ def test_train_full_finetuning_one_step_replaces_out_dir(tiny, tmp_path):
     cfg = _cfg(learning_rate=1e-3, batch_size=4, warmup_ratio=0.0, lora=None)
     summary = train_dpo_nll(tiny, EXAMPLES[:4], out, cfg, seed=0, log_dir=tmp_path / "log")
     assert summary["steps"] == 1 and not summary["lora"]
+    # no final pass by default (training.final_metrics)
+    assert summary["final"] is None and summary["final_pass_seconds"] is None
+    assert summary["final_reward_accuracy"] is None and summary["final_reward_margin"] is None
     assert not (out / "stale.txt").exists() and (out / "model.safetensors").exists()
     assert not list(tmp_path.glob(".model.*"))  # no temporary folders left behind
     _, base = _load(tiny)
@@ -245,7 +399,7 @@ def test_train_full_finetuning_one_step_replaces_out_dir(tiny, tmp_path):
 
 
 def test_bf16_lora_saves_bf16(tiny, tmp_path):
-    cfg = _cfg(dtype="bfloat16", batch_size=4, learning_rate=1e-3, lora=LoraConfig(r=2, alpha=4))
+    cfg = _cfg(dtype="bfloat16", batch_size=4, learning_rate=1e-3, lora=LoraConfig(r=2, alpha=4), final_metrics=True)
     summary = train_dpo_nll(tiny, EXAMPLES[:4], tmp_path / "model", cfg, seed=0, log_dir=tmp_path / "log")
     assert summary["dtype"] == "bfloat16" and math.isfinite(summary["final"]["loss"])
     from safetensors import safe_open
@@ -278,7 +432,7 @@ def test_train_truncates_long_pair(tiny, tmp_path):
     cfg = _cfg(max_length=16, batch_size=2, lora=LoraConfig(r=2, alpha=4))
     summary = train_dpo_nll(tiny, [long, EXAMPLES[4]], tmp_path / "model", cfg, seed=0, log_dir=tmp_path / "log")
     assert summary["truncated_pairs"] == 1 and summary["truncated_prompts"] == 1 and summary["truncated_responses"] == 1
-    assert summary["steps"] == 1 and math.isfinite(summary["final"]["loss"])
+    assert summary["steps"] == 1 and math.isfinite(summary["last_step"]["loss"]) and summary["final"] is None
 
 
 def test_empty_examples_raise(tiny, tmp_path):

@@ -10,8 +10,13 @@ where TRL differs). We write the loop out because on a CPU the output layer domi
 262k-vocabulary model and TRL 1.16 scores every position there (it scores only the
 response positions on Triton devices): here the head runs on response positions only, the
 reference log-probs come from one no-grad pass before training, and no second copy of the
-model is kept. Accelerate does device placement and gradient accumulation, so the same code
-runs under `accelerate launch` (DDP, DeepSpeed ZeRO, FSDP; `lidr.pipeline.train_worker`):
+model is kept. The chosen and rejected responses of a pair share their prompt, so the body
+runs on each prompt once and continues from its KV cache for both responses
+(`ResponseLogProbs`; whole prompt+response sequences where a cache cannot be used, e.g. with
+gradient checkpointing). Re-scoring all pairs after training (`final` in the summary) is
+optional (`training.final_metrics`). Accelerate does device placement and gradient
+accumulation, so the same code runs under `accelerate launch` (DDP, DeepSpeed ZeRO, FSDP;
+`lidr.pipeline.train_worker`):
 
 - the batches are planned as *global* batches (batch_size x processes pairs, the same for any
   process count at the same global size) and process r trains on the r-th slice of each;
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import inspect
 import itertools
 import json
 import math
@@ -46,6 +52,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lidr.config import TrainingConfig
+from lidr.head import TokenLogProbs
 
 # Largest logits block (positions x vocab) built at once. Beyond it the head runs in chunks,
 # each recomputed in the backward pass, so memory stays bounded on long GPU batches.
@@ -103,44 +110,126 @@ def tokenize_pairs(tokenizer, examples: list[dict], max_length: int) -> tuple[li
 
 def collate(pairs: list[Pair], index: list[int], pad_id: int,
             weights: list[float] | None = None) -> dict[str, torch.Tensor]:
-    """Right-padded batch of 2B sequences: the B prompt+chosen, then the B prompt+rejected (as TRL).
+    """A batch of B pairs in the shared-prompt layout that `ResponseLogProbs` runs: the B prompts
+    left-padded (their last tokens aligned, where the responses continue), and the 2B responses
+    right-padded, the B chosen then the B rejected (as TRL's [chosen..., rejected...] layout).
     `weights`: each pair's weight in the loss (0 = a placeholder that only keeps processes in step)."""
-    seqs, masks = [], []
-    for side in ("chosen", "rejected"):
-        for i in index:
-            p, y = pairs[i].prompt, getattr(pairs[i], side)
-            seqs.append(p + y)
-            masks.append([0] * len(p) + [1] * len(y))
-    width = max(map(len, seqs))
-    pad = lambda rows, v: torch.tensor([r + [v] * (width - len(r)) for r in rows])  # noqa: E731
+    prompts = [pairs[i].prompt for i in index]
+    responses = [pairs[i].chosen for i in index] + [pairs[i].rejected for i in index]
+    pw, rw = max(map(len, prompts)), max(map(len, responses))
     return {
-        "input_ids": pad(seqs, pad_id),
-        "attention_mask": pad([[1] * len(s) for s in seqs], 0),
-        "response_mask": pad(masks, 0),
+        "prompt_ids": torch.tensor([[pad_id] * (pw - len(p)) + p for p in prompts]),
+        "prompt_attention_mask": torch.tensor([[0] * (pw - len(p)) + [1] * len(p) for p in prompts]),
+        "response_ids": torch.tensor([y + [pad_id] * (rw - len(y)) for y in responses]),
+        "response_attention_mask": torch.tensor([[1] * len(y) + [0] * (rw - len(y)) for y in responses]),
         "index": torch.tensor(index),
         "weight": torch.tensor(weights if weights is not None else [1.0] * len(index), dtype=torch.float32),
     }
 
 
 def _token_logps(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, softcap: float | None):
-    """log p(target) for each row of hidden, in fp32 (a bf16 logsumexp over 262k logits is too coarse)."""
+    """log p(target) for each row of hidden, in fp32 (a bf16 logsumexp over 262k logits is too coarse).
+    targets: [rows] or [rows, k] (k targets scored from each row's one set of logits)."""
+    if hidden.device.type == "cpu" and type(head) is nn.Linear and head.bias is None and head.weight.dim() == 2:
+        # the CPU output layer, blockwise and with its backward written out (lidr/head.py)
+        out = TokenLogProbs.apply(hidden, head.weight, targets.view(len(targets), -1), softcap)
+        return out.view(targets.shape)
     logits = head(hidden).float()
     if softcap is not None:  # Gemma 2-style final logit soft-capping, as in the model's own forward
         logits = torch.tanh(logits / softcap) * softcap
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+    lse = logits.logsumexp(-1)
+    if targets.dim() == 1:
+        return logits.gather(-1, targets[:, None]).squeeze(-1) - lse
+    return logits.gather(-1, targets) - lse[:, None]
+
+
+def _head_logps(hidden: torch.Tensor, targets: torch.Tensor, causal: nn.Module) -> torch.Tensor:
+    """`_token_logps` with the causal LM's output layer, in chunks of rows where the logits block
+    would be large: without a backward pass small chunks cost nothing; with one, each chunk is
+    recomputed there (checkpoint), so its logits are not kept."""
+    head = causal.get_output_embeddings()
+    softcap = getattr(causal.config.get_text_config(), "final_logit_softcapping", None)
+    grad = torch.is_grad_enabled()
+    vocab = getattr(head, "out_features", None) or head.weight.shape[0]  # (ZeRO-3 empties .weight)
+    step = max(1, (LOGITS_BLOCK if grad else LOGITS_BLOCK // 8) // vocab)
+    if len(hidden) <= step:
+        return _token_logps(hidden, targets, head, softcap)
+    chunk = lambda a, b: _token_logps(a, b, head, softcap)  # noqa: E731
+    run = (lambda a, b: checkpoint(chunk, a, b, use_reentrant=False)) if grad else chunk
+    return torch.cat([run(a, b) for a, b in zip(hidden.split(step), targets.split(step))])
+
+
+def _cache_argument(body: nn.Module) -> str | None:
+    """The body's name for the KV-cache argument: `cache` (transformers >= 5.x; `past_key_values`
+    is its deprecated alias), `past_key_values` (older models), or None (no cache)."""
+    try:
+        params = inspect.signature(body.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    return next((n for n in ("cache", "past_key_values") if n in params), None)
+
+
+def _checkpointing(body: nn.Module) -> bool:
+    """Activation checkpointing anywhere in the body (transformers' own, or torch's checkpoint
+    wrapper as FSDP's activation checkpointing applies it): a recomputed layer would write the
+    KV cache a second time, so transformers drops the cache there."""
+    return any(getattr(m, "gradient_checkpointing", False) is True or type(m).__name__ == "CheckpointWrapper"
+               for m in body.modules())
+
+
+def _plain_dynamic_cache(config):
+    """A `DynamicCache` for the model, if its layers are all plain `DynamicLayer` /
+    `DynamicSlidingWindowLayer` (keys and values [batch, heads, tokens, dim] that the batch
+    can be replicated in) for full or sliding-window causal attention; else None. (Chunked
+    attention, KV sharing, linear-attention hybrids: the full-sequence path.)"""
+    try:
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+        text = config.get_text_config(decoder=True)
+        types = getattr(text, "layer_types", None) or []
+        if getattr(text, "attention_chunk_size", None) is not None or set(types) - {"full_attention",
+                                                                                "sliding_attention"}:
+            return None
+        cache = DynamicCache(config=config)
+    except Exception:  # an older transformers, or a config DynamicCache cannot read
+        return None
+    plain = (DynamicLayer, DynamicSlidingWindowLayer)
+    if cache.layers:
+        ok = all(type(layer) in plain for layer in cache.layers)
+    else:  # layers made on first use
+        ok = getattr(cache, "layer_class_to_replicate", None) is DynamicLayer
+    return cache if ok else None
 
 
 class ResponseLogProbs(nn.Module):
     """Wraps a causal LM (or a PEFT model of one); forward returns, for each sequence, the summed
-    log-prob of its response tokens and their count. The transformer body runs on the whole
-    sequence, the output layer only on the positions that predict a response token. A module
-    (not a function) so that accelerate/DDP wrap one forward that does all of it."""
+    log-prob of its response tokens and their count. The output layer runs only on the positions
+    that predict a response token. A module (not a function) so that accelerate/DDP wrap one
+    forward that does all of it (the body may run twice inside it).
+
+    Two input layouts:
+
+    - pairs (`collate`: prompt_ids, prompt_attention_mask, response_ids, response_attention_mask):
+      the body runs once over the B prompts (left-padded) with a KV cache, the cache is replicated
+      for the 2B rows (chosen, then rejected), and the body runs once over the 2B responses
+      (right-padded) on top of it, positions continuing from each prompt's length. So each
+      prompt is processed once, not twice (on demo pairs ~40 % of the tokens a full-sequence
+      pass would process). The gradient reaches the prompt's computation through the cache. The
+      first response token is predicted from the last prompt position, the same for chosen and
+      rejected. Where the cache cannot be used (activation checkpointing on, or a model whose
+      cache is not made of plain dynamic layers) the pairs are laid out as 2B full sequences
+      and take the path below: the same values up to float rounding.
+    - full sequences (input_ids, attention_mask, response_mask, right-padded; response_mask marks
+      the response tokens): the body runs on whole sequences."""
 
     def __init__(self, lm: nn.Module):
         super().__init__()
         self.lm = lm
         # FSDP's transformer-based auto wrap looks for the decoder-layer classes here
         self._no_split_modules = list(getattr(lm, "_no_split_modules", None) or [])
+        self.shared_prompt = True  # False: always the full-sequence path (tests compare the two)
+        self._cache_arg: str | None | bool = False  # not looked up yet
 
     # FSDP2 (accelerate) shards the embeddings and output layer as their own units when it finds them
     def get_input_embeddings(self):
@@ -152,26 +241,74 @@ class ResponseLogProbs(nn.Module):
     def tie_weights(self, *args, **kwargs):
         return self.lm.tie_weights(*args, **kwargs)
 
-    def forward(self, input_ids, attention_mask, response_mask, **_):
-        causal = self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm  # PEFT
+    def _causal(self) -> nn.Module:
+        return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm  # PEFT
+
+    def forward(self, input_ids=None, attention_mask=None, response_mask=None, *, prompt_ids=None,
+                prompt_attention_mask=None, response_ids=None, response_attention_mask=None, **_):
+        causal = self._causal()
+        if input_ids is not None:
+            return self._full(causal, input_ids, attention_mask, response_mask)
+        body = causal.base_model
+        if self._cache_arg is False:
+            self._cache_arg = _cache_argument(body)
+        cache = None
+        if self.shared_prompt and self._cache_arg is not None and not _checkpointing(body):
+            cache = _plain_dynamic_cache(causal.config)
+        if cache is None:
+            return self._full(causal, *_full_sequences(prompt_ids, prompt_attention_mask, response_ids,
+                                                       response_attention_mask))
+        return self._shared(causal, body, cache, prompt_ids, prompt_attention_mask, response_ids,
+                            response_attention_mask)
+
+    def _shared(self, causal, body, cache, prompt_ids, prompt_mask, response_ids, response_mask):
+        n = len(prompt_ids)  # pairs; the responses are [chosen..., rejected...]
+        kw = {self._cache_arg: cache, "use_cache": True}
+        positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+        h_prompt = body(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, **kw)[0]
+        if not cache.layers or any(layer.keys is None for layer in cache.layers):
+            self.shared_prompt = False  # the model did not fill the cache as expected: never again
+            return self._full(causal, *_full_sequences(prompt_ids, prompt_mask, response_ids, response_mask))
+        for layer in cache.layers:  # the same prompt for the chosen and the rejected row
+            layer.keys = torch.cat([layer.keys, layer.keys])
+            layer.values = torch.cat([layer.values, layer.values])
+        positions = prompt_mask.sum(1).repeat(2)[:, None] + torch.arange(response_ids.shape[1],
+                                                                          device=response_ids.device)
+        mask = torch.cat([prompt_mask.repeat(2, 1), response_mask], 1)
+        h_resp = body(input_ids=response_ids, attention_mask=mask, position_ids=positions, **kw)[0]
+        del cache, kw
+        # Response token 0 is predicted from the last prompt position (left padding: the last
+        # column), the same for chosen and rejected: one row, two targets. Response position t
+        # predicts token t+1. One output-layer call for all rows (each call reads the whole layer).
+        predicts = response_mask[:, 1:].bool()
+        targets = response_ids[:, 1:][predicts]
+        logps = _head_logps(torch.cat([h_prompt[:, -1], h_resp[:, :-1][predicts]]),
+                            torch.cat([response_ids[:, 0].view(2, n).T, targets[:, None].expand(-1, 2)]), causal)
+        first = logps[:n].T.reshape(-1)  # [chosen..., rejected...]
+        sums = first.index_add(0, predicts.nonzero()[:, 0], logps[n:, 0])
+        return sums, response_mask.sum(1)
+
+    def _full(self, causal, input_ids, attention_mask, response_mask):
         hidden = causal.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
         predicts = response_mask[:, 1:].bool()  # position t predicts token t+1
-        h, targets = hidden[:, :-1][predicts], input_ids[:, 1:][predicts]
-        head = causal.get_output_embeddings()
-        softcap = getattr(causal.config.get_text_config(), "final_logit_softcapping", None)
-        grad = torch.is_grad_enabled()
-        # Without a backward pass small chunks cost nothing; with one, a chunk is recomputed there.
-        vocab = getattr(head, "out_features", None) or head.weight.shape[0]  # (ZeRO-3 empties .weight)
-        step = max(1, (LOGITS_BLOCK if grad else LOGITS_BLOCK // 8) // vocab)
-        if len(h) <= step:
-            logps = _token_logps(h, targets, head, softcap)
-        else:
-            chunk = lambda a, b: _token_logps(a, b, head, softcap)  # noqa: E731
-            run = (lambda a, b: checkpoint(chunk, a, b, use_reentrant=False)) if grad else chunk
-            logps = torch.cat([run(a, b) for a, b in zip(h.split(step), targets.split(step))])
-        rows = predicts.nonzero()[:, 0]
-        sums = logps.new_zeros(len(input_ids)).index_add(0, rows, logps)
+        logps = _head_logps(hidden[:, :-1][predicts], input_ids[:, 1:][predicts], causal)
+        sums = logps.new_zeros(len(input_ids)).index_add(0, predicts.nonzero()[:, 0], logps)
         return sums, predicts.sum(1)
+
+
+def _full_sequences(prompt_ids, prompt_mask, response_ids, response_mask):
+    """The pairs layout of `collate` -> 2B right-padded prompt+response sequences (chosen rows,
+    then rejected rows): input_ids, attention_mask, response_mask (marks the response tokens)."""
+    pw, rw = prompt_ids.shape[1], response_ids.shape[1]
+    p_len = prompt_mask.sum(1).repeat(2)[:, None]
+    total = p_len + response_mask.sum(1)[:, None]
+    t = torch.arange(int(total.max()), device=prompt_ids.device)[None]
+    from_prompt = prompt_ids.repeat(2, 1).gather(1, (pw - p_len + t).clamp(max=pw - 1))
+    from_response = response_ids.gather(1, (t - p_len).clamp(0, rw - 1))
+    attention = (t < total).long()
+    in_response = (t >= p_len).long() * attention
+    # (a right-pad position holds some token of the row: it is masked, and nothing real comes after it)
+    return torch.where(t < p_len, from_prompt, from_response), attention, in_response
 
 
 def dpo_nll_loss(logps, ref_logps, ntokens, beta: float, nll_weight: float, weights=None):
@@ -463,7 +600,10 @@ def train_dpo_nll(model_path: str | Path, examples: list[dict], out_dir: str | P
                     optimizer.step()  # a no-op until the last micro-batch of the step
                     optimizer.zero_grad()
                 held = held + _sums(terms, real)
-                tokens += int((batch["attention_mask"].sum(1) * real.repeat(2)).sum())
+                # tokens the body processed: each prompt once, both responses (no padding; the
+                # full-sequence fallback processes the prompts twice, which this does not count)
+                tokens += int((batch["prompt_attention_mask"].sum(1) * real).sum()
+                              + (batch["response_attention_mask"].sum(1) * real.repeat(2)).sum())
                 if not acc.sync_gradients:
                     continue
                 lr = scheduler.get_last_lr()[0]
@@ -482,10 +622,13 @@ def train_dpo_nll(model_path: str | Path, examples: list[dict], out_dir: str | P
                         progress(step, total_steps, rec)
     train_seconds = time.time() - t_train
 
-    # π = π_ref at step 1, so the first step's reward accuracy says nothing: measure again on all pairs.
-    t_final = time.time()
-    final = _summarize(sums_of(*score_all(adapters=True)), cfg.nll_weight)
-    final_seconds = time.time() - t_final
+    # π = π_ref at step 1, so the first step's reward accuracy says nothing: measure again on all
+    # pairs (optional: one more forward pass over them).
+    final, final_seconds = None, None
+    if cfg.final_metrics:
+        t_final = time.time()
+        final = _summarize(sums_of(*score_all(adapters=True)), cfg.nll_weight)
+        final_seconds = round(time.time() - t_final, 3)
 
     t_save = time.time()
     acc.wait_for_everyone()
@@ -508,10 +651,12 @@ def train_dpo_nll(model_path: str | Path, examples: list[dict], out_dir: str | P
         **trunc,
         "seconds": round(time.time() - t0, 3), "ref_seconds": round(ref_seconds, 3),
         "train_seconds": round(train_seconds, 3), "seconds_per_step": round(train_seconds / max(step, 1), 3),
-        "final_pass_seconds": round(final_seconds, 3), "save_seconds": round(time.time() - t_save, 3),
+        "final_pass_seconds": final_seconds, "save_seconds": round(time.time() - t_save, 3),
         "initial": initial, "first_step": records[0] if records else None,
-        "last_step": records[-1] if records else None, "final": final,
-        "final_reward_accuracy": final["reward_accuracy"], "final_reward_margin": final["reward_margin"],
+        "last_step": records[-1] if records else None,
+        # null unless training.final_metrics (then: all pairs scored again after training)
+        "final": final, "final_reward_accuracy": final["reward_accuracy"] if final else None,
+        "final_reward_margin": final["reward_margin"] if final else None,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "out_dir": str(out_dir),
     }

@@ -1,0 +1,88 @@
+"""The output layer (hidden -> vocabulary logits) on a CPU, where it costs the most.
+
+For a 262k-token vocabulary the output layer is most of a small model's arithmetic: 168 M of
+gemma-3-270m's 268 M parameters. MKL runs `h @ W.T` for a few dozen rows far below its
+matrix-multiply peak on the CPUs measured here (bench/profile_generate.py); `W @ h.T`, taken
+in blocks of 1024 vocabulary rows that stay in cache, is 1.3-4x faster for 1-256 rows. Used
+by generation (`decode.py`) and, with a hand-written backward, by training (`train.py`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+BLOCK = 1024  # vocabulary rows per product: 1024 x hidden fp32 weights stay in the cache
+
+
+def logits_t(weight: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """`weight @ h.T`: logits as [vocab, rows] (the transpose of `F.linear(h, weight)`), blockwise."""
+    ht = h.T.contiguous()
+    if len(h) < 32:  # a few rows: one call is as fast (the weights are read once either way)
+        return weight @ ht
+    out = ht.new_empty(weight.shape[0], len(h))
+    for i in range(0, weight.shape[0], BLOCK):
+        torch.mm(weight[i:i + BLOCK], ht, out=out[i:i + BLOCK])
+    return out
+
+
+def logits_t_lse(weight: torch.Tensor, h: torch.Tensor, softcap: float | None):
+    """`logits_t` in fp32 with each column's logsumexp, computed block by block while the block
+    is in cache (a reduction over the vocabulary axis of the whole [vocab, rows] array is
+    strided and several times slower). With `softcap` the array holds tanh(logits / softcap)
+    (the capped logits are softcap x that) for the backward pass."""
+    ht = h.T.contiguous()
+    out = ht.new_empty(weight.shape[0], len(h), dtype=torch.float32)
+    m = out.new_full((len(h),), float("-inf"))
+    s = out.new_zeros(len(h))
+    for i in range(0, weight.shape[0], BLOCK):
+        block = out[i:i + BLOCK]
+        if weight.dtype == torch.float32:
+            torch.mm(weight[i:i + BLOCK], ht, out=block)
+        else:
+            block.copy_(weight[i:i + BLOCK] @ ht)
+        capped = block
+        if softcap:
+            capped = block.div_(softcap).tanh_() * softcap
+        new_m = torch.maximum(m, capped.amax(0))
+        s = s * (m - new_m).exp() + (capped - new_m).exp().sum(0)
+        m = new_m
+    return out, m + s.log()
+
+
+class TokenLogProbs(torch.autograd.Function):
+    """log p(targets | h) through a bias-free output layer, optional Gemma-style soft-capping.
+
+    h: [rows, hidden]; targets: [rows, k] (k tokens scored from each row's logits).
+    Returns [rows, k] fp32. The backward is written out so the [vocab, rows] logits block is
+    turned into its gradient in place (softmax, scatter of the targets), instead of autograd's
+    several temporaries of that size."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, softcap):
+        logits, lse = logits_t_lse(weight, h, softcap)  # with softcap: tanh(logits / softcap)
+        picked = logits.gather(0, targets.T)
+        if softcap:
+            picked = picked * softcap
+        ctx.softcap = softcap
+        ctx.save_for_backward(h, weight, targets, logits, lse)
+        return (picked - lse).T  # [rows, k]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        h, weight, targets, logits, lse = ctx.saved_tensors
+        grad = grad.float()
+        c = ctx.softcap
+        # d logp_j / d logits = onehot(target_j) - softmax, for each of the k targets of a row
+        if c:
+            d = (logits * c).sub_(lse).exp_().mul_(-grad.sum(1))
+        else:
+            d = logits.sub_(lse).exp_().mul_(-grad.sum(1))  # in place: the logits are not needed again
+        d.scatter_add_(0, targets.T, grad.T)
+        if c:  # d(c * tanh(x / c)) / dx = 1 - tanh^2
+            d.mul_(1 - logits * logits)
+        d = d.to(weight.dtype)
+        grad_h = (weight.T @ d).T.to(h.dtype) if ctx.needs_input_grad[0] else None
+        grad_w = (d @ h) if ctx.needs_input_grad[1] else None
+        return grad_h, grad_w, None, None

@@ -1,0 +1,136 @@
+"""Continuous batching (lidr/backends/decode.py) gives what transformers' `generate` gives
+one prompt at a time: greedy, repetition penalty, EOS, per-row stop strings, rows joining
+and leaving a running batch, sliding-window caches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lidr.backends.hf import HFBackend
+
+WORDS = ("the a cat dog sat ran on under mat tree big small red blue and then it was very happy "
+         "sad one two three four five six seven eight nine ten").split()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _save_tiny(path, kind: str):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok.train_from_iterator([" ".join(WORDS)], trainers.WordLevelTrainer(special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+    ids = dict(bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id)
+    torch.manual_seed(0)
+    if kind.startswith("gemma3"):
+        # "gemma3": a sliding window shorter than prompt + answer, so the sliding layers drop
+        # positions (new rows then wait for the batch to drain); "gemma3-wide": rows join mid-batch.
+        config = Gemma3TextConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                                  max_position_embeddings=256, sliding_window=8 if kind == "gemma3" else 64, final_logit_softcapping=30.0,
+                                  layer_types=["sliding_attention", "full_attention"], **ids)
+    else:
+        config = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                             tie_word_embeddings=False, **ids)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # sharper logits than the tiny init: fewer near-ties between tokens
+        model.get_output_embeddings().weight.mul_(8)
+    model.save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module", params=["gemma3", "gemma3-wide", "llama"])
+def backend(request, tmp_path_factory):
+    b = HFBackend(_save_tiny(tmp_path_factory.mktemp(request.param), request.param), dtype="float32", device="cpu")
+    assert b.decoder.own_head  # the fast output layer reproduces the model's logits
+    b.kind = request.param
+    return b
+
+
+PROMPTS = ["<s> the cat", "<s> a big red dog ran under the tree and then", "<s> one", "<s> two three four",
+           "<s> it was very happy and sad", "<s> the small blue mat", "<s> seven eight nine ten one two three"]
+
+
+def _reference(b: HFBackend, prompt: str, max_new_tokens: int, penalty: float, eos: int | None) -> list[int]:
+    """transformers' generate on the prompt alone: no padding anywhere."""
+    enc = b.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    out = b.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=penalty,
+                           eos_token_id=eos, pad_token_id=b.tokenizer.pad_token_id, temperature=None, top_p=None,
+                           top_k=None)
+    return out[0, enc.input_ids.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("max_rows", [1, 3, 16])
+@pytest.mark.parametrize("own_head", [True, False])
+def test_same_tokens_as_generate_one_prompt_at_a_time(backend, max_rows, own_head, monkeypatch):
+    # An EOS id that some rows produce early and others never: rows then leave the batch at
+    # different steps, and waiting prompts join the running batch.
+    eos = _reference(backend, PROMPTS[0], 12, 1.3, None)[3]
+    monkeypatch.setattr(backend.decoder, "own_head", own_head)
+    monkeypatch.setattr(backend.decoder, "eos_ids", {eos})
+    import lidr.backends.decode as decode
+
+    joins, refused = [], []
+    monkeypatch.setattr(decode, "_join", lambda *a, _join=decode._join: joins.append(1) or _join(*a))
+    can_join = backend.decoder._can_join
+    monkeypatch.setattr(backend.decoder, "_can_join", lambda c: can_join(c) or refused.append(1))
+    results = {}
+    backend.run_batched([(i, p, []) for i, p in enumerate(PROMPTS)], batch_size=max_rows,
+                        on_result=results.__setitem__, max_new_tokens=12, repetition_penalty=1.3)
+    assert sorted(results) == list(range(len(PROMPTS)))
+    reasons = set()
+    for i, p in enumerate(PROMPTS):
+        ids = _reference(backend, p, 12, 1.3, eos)
+        reason = "stop" if eos in ids else "length"
+        want = backend.tokenizer.decode([t for t in ids if t != eos], skip_special_tokens=True)
+        assert (results[i].text, results[i].finish_reason) == (want, reason), p
+        reasons.add((reason, len(ids)))
+    assert len(reasons) > 1  # rows really ended at different steps
+    if max_rows == 3:  # waiting prompts joined a running batch; past a short sliding window they waited
+        assert joins and (bool(refused) == (backend.kind == "gemma3"))
+
+
+def test_eos_and_stop_strings_end_each_row_where_they_occur(backend):
+    ref = {p: _reference(backend, p, 12, 1.0, None) for p in PROMPTS}
+    words = {p: backend.tokenizer.convert_ids_to_tokens(ids) for p, ids in ref.items()}
+    # row 0 ends on EOS: make its 5th generated token the EOS id
+    eos = ref[PROMPTS[0]][4]
+    # row 1 ends on a stop string: its 3rd generated word
+    stop_row, stop_word = PROMPTS[1], words[PROMPTS[1]][2]
+    stops = [[stop_word] if p == stop_row else ["no such words here"] for p in PROMPTS]
+    backend.eos_ids = backend.decoder.eos_ids = {eos}
+    try:
+        out = backend.generate(PROMPTS, max_new_tokens=12, stops=stops, repetition_penalty=1.0)
+    finally:
+        backend.eos_ids = backend.decoder.eos_ids = set()
+    for p, got in zip(PROMPTS, out):
+        ids = ref[p]
+        end = ids.index(eos) if eos in ids else len(ids)  # EOS first: it is not part of the text
+        reason = "stop" if end < len(ids) else "length"
+        if p == stop_row:
+            first = next(k for k in range(1, len(ids) + 1)
+                         if stop_word in backend.tokenizer.decode(ids[:k], skip_special_tokens=True))
+            if first <= end:
+                end, reason = first, "stop"  # the stop string is kept
+        assert (got.text, got.finish_reason) == (backend.tokenizer.decode(ids[:end], skip_special_tokens=True), reason), p
+
+
+def test_results_arrive_row_by_row_and_progress_counts_each(backend):
+    order, ticks = [], []
+    backend.run_batched([(k, p, []) for k, p in enumerate(PROMPTS)], batch_size=2,
+                        on_result=lambda k, g: order.append(k), advance=ticks.append, max_new_tokens=3)
+    assert sorted(order) == list(range(len(PROMPTS))) and ticks == [1] * len(PROMPTS)
+    assert backend.generate([], max_new_tokens=3) == []

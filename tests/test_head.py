@@ -1,0 +1,37 @@
+"""The CPU output layer (lidr/head.py) gives what `F.linear` + autograd give."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lidr.head import TokenLogProbs, logits_t
+
+
+@pytest.mark.parametrize("rows", [3, 40])  # one product / blockwise products
+def test_logits_t_is_the_transposed_linear(rows):
+    torch.manual_seed(0)
+    w, h = torch.randn(3000, 16), torch.randn(rows, 16)
+    torch.testing.assert_close(logits_t(w, h), F.linear(h, w).T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+@pytest.mark.parametrize("k", [1, 2])
+def test_token_logprobs_values_and_gradients_match_autograd(softcap, k):
+    torch.manual_seed(0)
+    w = torch.randn(2500, 16, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 2500, (37, k))
+    weights = torch.randn(37, k, dtype=torch.float64)  # an arbitrary upstream gradient
+
+    logits = F.linear(h, w)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    want = logits.gather(1, targets) - logits.logsumexp(1, keepdim=True)
+    gh, gw = torch.autograd.grad((want * weights).sum(), (h, w))
+
+    got = TokenLogProbs.apply(h, w, targets, softcap)
+    fh, fw = torch.autograd.grad((got * weights).sum(), (h, w))
+    # the log-probs are computed in fp32 (as in training), so fp32 tolerances
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fh, gh, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fw, gw, rtol=1e-4, atol=1e-5)
