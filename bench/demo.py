@@ -220,7 +220,7 @@ def report(run_dir: Path, per_stage: dict | None, wall: float | None) -> dict:
     print(extra_rows(run_dir))
     share = 1 - tot["model"] / tot["known"] if tot["known"] else float("nan")
     if wall is not None:
-        print(f"lidr run wall {wall:.1f} s; stages {tot['loop']:.1f} s; outside stages (imports, config, checks) "
+        print(f"lidr run wall {wall:.1f} s; stages {tot['loop']:.1f} s; outside the loop stages (evaluation if on, imports, config, checks) "
               f"{wall - tot['loop']:.1f} s")
     print(f"model forward {tot['forward']:.1f} s + backward {tot['backward']:.1f} s of {tot['known']:.1f} s "
           f"measured stage time -> overhead share {100 * share:.1f} %"
