@@ -13,12 +13,7 @@ WORDS = ("the a cat dog sat ran on under mat tree big small red blue and then it
          "sad one two three four five six seven eight nine ten").split()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _save_tiny(path, kind: str):

@@ -48,13 +48,7 @@ EXAMPLES = [
 BETA, ALPHA = 0.7, 0.3  # neither is 1, so a misplaced factor shows
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # A tiny model gains nothing from threads, and on a busy 2-core machine they stall each other.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
