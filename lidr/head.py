@@ -3,7 +3,8 @@
 For a 262k-token vocabulary the output layer is most of a small model's arithmetic: 168 M of
 gemma-3-270m's 268 M parameters. MKL runs `h @ W.T` for a few dozen rows far below its
 matrix-multiply peak on the CPUs measured here (bench/profile_generate.py); `W @ h.T`, taken
-in blocks of 1024 vocabulary rows that stay in cache, is 1.3-4x faster for 1-256 rows. Used
+in blocks of 1024 vocabulary rows that stay in cache, is 1.3-4x faster for 4-256 rows
+(about the same for 1). Used
 by generation (`decode.py`) and, with a hand-written backward, by training (`train.py`).
 """
 

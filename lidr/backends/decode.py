@@ -9,7 +9,7 @@ penalty, EOS and per-row stop strings, left padding with position ids from the m
 
 Two more things make a decoding step cheaper:
 - the output layer runs on the last position of the live rows only, on a CPU as a blockwise
-  `W @ h.T` (lidr/head.py: 1.3-4x faster there than `h @ W.T` for a 262k vocabulary);
+  `W @ h.T` (lidr/head.py: 1.3-4x faster there than `h @ W.T` for 4-256 rows of a 262k vocabulary);
 - prompts are tokenized once, and sorted by length so rows that start together have little
   padding.
 
