@@ -1,6 +1,6 @@
 """Generation engines behind one interface: `generate(prompts, max_new_tokens=, stops=,
 repetition_penalty=) -> list[Generation]` and `count_tokens(text)`. The stages only see
-this interface; `run_batched` feeds them length-sorted batches."""
+this interface; `run_batched` hands them the items (hf and openai schedule rows themselves)."""
 
 from __future__ import annotations
 
@@ -37,14 +37,12 @@ def run_batched(
     advance: Callable[[int], None] = lambda n: None,
     **gen_kwargs,
 ) -> None:
-    """Generate for (key, prompt, stop strings) items in batches of similar prompt length.
+    """Generate for (key, prompt, stop strings) items; results go to `on_result` as they come.
 
-    Sorting by length keeps padding (wasted compute) small; rows of different languages
-    share a batch (each row has its own stop strings), since on a CPU one decoding step
-    costs about the same for 1 or 64 rows (reading the weights dominates). Results go to
-    `on_result` batch by batch, so the caller can write them as they come. A backend
-    with its own `run_batched` (openai: one request per row, written as each arrives)
-    does the batching itself.
+    A backend with its own `run_batched` schedules the rows itself: hf decodes with continuous
+    batching (`decode.py`: a row's result arrives the step it ends), openai sends one request
+    per row. Any other engine (vllm, which schedules inside `generate`) gets chunks of
+    `batch_size` items sorted by prompt length, and results arrive chunk by chunk.
     """
     if hasattr(backend, "run_batched"):
         return backend.run_batched(items, batch_size=batch_size, on_result=on_result, advance=advance, **gen_kwargs)
