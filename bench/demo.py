@@ -6,12 +6,12 @@ process, with evaluation off (`--set eval.enabled=false`: the loop's four stages
 
 - forward: every outermost call of a transformers model (the training body) or of lidr's
   `ResponseLogProbs` (training: body + output layer) or of the decoder's per-step forward
-  (`ContinuousDecoder._logits`: body + output layer);
+  (`ContinuousDecoder._step`: body + output layer + the greedy choice);
 - backward: every `torch.autograd.backward` (`loss.backward()`), checkpoint
   recomputation included.
 
 Everything else inside a stage is "overhead": model loading and saving, tokenising,
-the decoder's repetition penalty, argmax and stop checks, cache joins, decoding, JSONL I/O, pair
+the decoder's stop checks, cache joins, decoding, JSONL I/O, pair
 building, collation, optimizer steps, bookkeeping. The hooks themselves cost a few
 microseconds per module call (counted as overhead).
 
@@ -95,7 +95,7 @@ class ModelTimer:
         # generation calls the model's body, then the output layer itself (lidr/head.py)
         from lidr.backends.decode import ContinuousDecoder
 
-        logits = ContinuousDecoder._logits
+        logits = ContinuousDecoder._step
 
         def timed_logits(decoder, *args):
             enter()
@@ -104,7 +104,7 @@ class ModelTimer:
             finally:
                 leave()
 
-        ContinuousDecoder._logits = timed_logits
+        ContinuousDecoder._step = timed_logits
         torch.nn.modules.module.register_module_forward_pre_hook(pre)
         torch.nn.modules.module.register_module_forward_hook(post, always_call=True)
         original = torch.autograd.backward

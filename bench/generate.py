@@ -79,13 +79,13 @@ def run_lidr(backend, items, batch_size, max_new, rep):
     warm = items[:2]  # warm-up, padded batch
     backend.generate([p for _, p, _ in warm], max_new_tokens=2, stops=[s for *_, s in warm], repetition_penalty=rep)
     # Count the decoder's forward calls and the rows in each (one-token calls are decoding steps).
-    calls, forward = [], backend.decoder._logits
-    backend.decoder._logits = lambda ids, *a: calls.append(tuple(ids.shape)) or forward(ids, *a)
+    calls, forward = [], backend.decoder._step
+    backend.decoder._step = lambda ids, *a: calls.append(tuple(ids.shape)) or forward(ids, *a)
     start = time.perf_counter()
     run_batched(backend, items, batch_size=batch_size, on_result=out.__setitem__,
                 max_new_tokens=max_new, repetition_penalty=rep)
     seconds = time.perf_counter() - start
-    backend.decoder._logits = forward
+    backend.decoder._step = forward
     steps = [rows for rows, width in calls if width == 1]
     print(f"lidr: {len(calls) - len(steps)} prefill calls, {len(steps)} decoding steps, "
           f"{sum(steps) / max(1, len(steps)):.1f} rows per step on average (every row-step makes a token of a live row)")

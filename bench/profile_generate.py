@@ -81,7 +81,7 @@ def main(argv=None) -> None:
 
     # (2) lidr's generate: time inside the model forward (body + output layer) vs the whole call
     fwd = {"s": 0.0}
-    forward = backend.decoder._logits
+    forward = backend.decoder._step
 
     def timed(*a):
         t0 = time.perf_counter()
@@ -89,7 +89,7 @@ def main(argv=None) -> None:
         fwd["s"] += time.perf_counter() - t0
         return out
 
-    backend.decoder._logits = timed
+    backend.decoder._step = timed
     batch = items[: args.rows]
     # no stop strings and no EOS so every row runs the full length; the stopping check still runs
     backend.decoder.eos_ids = set()

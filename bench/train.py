@@ -1,11 +1,12 @@
-"""Training speed and memory: lidr's `train_dpo_nll` vs TRL's `DPOTrainer` (DPO + NLL).
+"""Training speed and memory: lidr's `train_dpo_nll` vs TRL's `DPOTrainer` vs a hand-written loop (DPO + NLL).
 
-The same work for both: the same preference pairs (real ones from a demo run folder when
+The same work for all three: the same preference pairs (real ones from a demo run folder when
 one exists, rendered exactly as lidr's train stage renders them), the same model (M0, the
 embedded Gemma 3 270M, fp32 on this CPU: `training.dtype: auto`), the same LoRA (r 16,
 alpha 32, dropout 0, all-linear), batch 2, no gradient accumulation, one epoch,
 lr 5e-5 cosine with 10 % warm-up, beta 0.5, NLL weight 1, max length 512, no gradient
-checkpointing (lidr's default; TRL's default is on, so it is switched off for TRL).
+checkpointing (lidr's default; TRL's default is on, so it is switched off for TRL), gradient
+norm clipped at 1, AdamW without weight decay.
 
 - lidr: `lidr.pipeline.train.train_dpo_nll`: reference log-probs in one no-grad pass,
   each prompt run once for both responses, logits only at response positions, then merge +
@@ -14,14 +15,22 @@ checkpointing (lidr's default; TRL's default is on, so it is switched off for TR
 - TRL: `DPOTrainer(loss_type=["sigmoid", "sft"], loss_weights=[1, 1])` with a peft_config
   (the reference is the base model with adapters disabled, scored every step), then
   merge + save.
+- hand: a plain PyTorch loop (transformers + peft, none of lidr's trainer code): reference
+  log-probs once before training (adapters disabled, inference mode, batched); each step one
+  forward of the 2B right-padded prompt+chosen / prompt+rejected rows through the decoder
+  body, the output layer and log_softmax only on the response positions, DPO sigmoid +
+  NLL, backward, clip, fused AdamW, cosine schedule; then merge + save. The same batches
+  as lidr (its length-grouped shuffle with seed 0, rewritten here), so the losses compare.
 
 Each trainer runs in its own subprocess, so the peak resident memory (ru_maxrss at the
-end) is its own. "train work" is what both must do to train: lidr's reference pass +
-training steps vs TRL's `trainer.train()`; "end to end" adds loading, tokenising,
-lidr's final metrics pass (if on), and merge + save.
+end) is its own. "train work" is what each must do to train: the reference pass + training
+steps (lidr, hand) vs TRL's `trainer.train()`; "end to end" adds loading, tokenising,
+lidr's final metrics pass (if on), and merge + save. speedup_vs_hand = hand train work /
+lidr train work: >= 0.77 means lidr is within 1.3x of the hand loop.
 
-    .venv/bin/python bench/train.py                  # 25 pairs: about 5 minutes on 2 cores
+    .venv/bin/python bench/train.py                  # 25 pairs: about 7-8 minutes on 2 cores
     .venv/bin/python bench/train.py --limit 2        # smoke test
+    .venv/bin/python bench/train.py --skip trl       # lidr and the hand loop only
 """
 
 from __future__ import annotations
@@ -40,6 +49,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 DEFAULT_PAIRS = [Path("/tmp/fresh/runs/demo/iter-1/pairs.jsonl"), common.ROOT / "runs/demo/iter-1/pairs.jsonl"]
+TRAINERS = ("lidr", "hand", "trl")
+# the job, the same for every trainer
+BETA, NLL_WEIGHT, LR, WARMUP_RATIO, MAX_LENGTH, SEED = 0.5, 1.0, 5e-5, 0.1, 512, 0
+LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
 
 
 def parse_args(argv=None):
@@ -52,14 +65,14 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--dtype", default="auto", help="lidr training.dtype; TRL gets the dtype it resolves to")
-    p.add_argument("--skip", default="", help="lidr or trl")
+    p.add_argument("--skip", default="", help="trainers not to run, comma-separated: lidr, hand, trl")
     p.add_argument("--threads", type=int, default=None, help="torch threads in each trainer (default: all cores)")
     p.add_argument("--final-metrics", action="store_true",
                    help="lidr scores all pairs again after training (training.final_metrics)")
     p.add_argument("--trl-precompute-ref", action="store_true",
                    help="also let TRL precompute the reference log-probs (precompute_ref_log_probs=True)")
     # internal: one trainer in this process
-    p.add_argument("--worker", choices=["lidr", "trl"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=TRAINERS, help=argparse.SUPPRESS)
     p.add_argument("--job", type=Path, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -100,14 +113,14 @@ def worker_lidr(job: dict) -> dict:
     from lidr.config import LoraConfig, TrainingConfig
     from lidr.pipeline.train import train_dpo_nll
 
-    cfg = TrainingConfig(beta=0.5, nll_weight=1.0, learning_rate=5e-5, epochs=1, batch_size=job["batch_size"],
-                         gradient_accumulation=job["grad_accum"], lr_scheduler="cosine", warmup_ratio=0.1,
-                         max_length=512, lora=LoraConfig(r=16, alpha=32, dropout=0.0, target_modules="all-linear"),
+    cfg = TrainingConfig(beta=BETA, nll_weight=NLL_WEIGHT, learning_rate=LR, epochs=1, batch_size=job["batch_size"],
+                         gradient_accumulation=job["grad_accum"], lr_scheduler="cosine", warmup_ratio=WARMUP_RATIO,
+                         max_length=MAX_LENGTH, lora=LoraConfig(**LORA),
                          dtype=job["dtype"], gradient_checkpointing=False,
                          final_metrics=job.get("final_metrics", False))
     work = Path(job["workdir"])
     start = time.perf_counter()
-    s = train_dpo_nll(job["model"], job["examples"], work / "lidr-model", cfg, seed=0, log_dir=work / "lidr-log")
+    s = train_dpo_nll(job["model"], job["examples"], work / "lidr-model", cfg, seed=SEED, log_dir=work / "lidr-log")
     total = time.perf_counter() - start
     steps = [json.loads(line) for line in (work / "lidr-log" / "metrics.jsonl").read_text().splitlines()]
     parts = {"ref": s["ref_seconds"], "train": s["train_seconds"]}
@@ -116,7 +129,8 @@ def worker_lidr(job: dict) -> dict:
     parts["merge+save"] = s["save_seconds"]
     parts = {"load+tokenise": total - sum(parts.values()), **parts}
     return {"total": total, "work": s["ref_seconds"] + s["train_seconds"], "parts": parts, "steps": s["steps"],
-            "dtype": s["dtype"], "first_loss": steps[0]["loss"], "last_loss": steps[-1]["loss"]}
+            "dtype": s["dtype"], "first_loss": steps[0]["loss"], "last_loss": steps[-1]["loss"],
+            "losses": [r["loss"] for r in steps]}
 
 
 def worker_trl(job: dict, precompute: bool) -> dict:
@@ -134,14 +148,15 @@ def worker_trl(job: dict, precompute: bool) -> dict:
     tok = AutoTokenizer.from_pretrained(job["model"])
     model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=dtype)
     args = DPOConfig(
-        output_dir=str(work / "trl-out"), beta=0.5, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 1.0],
-        max_length=512, per_device_train_batch_size=job["batch_size"],
-        gradient_accumulation_steps=job["grad_accum"], num_train_epochs=1, learning_rate=5e-5,
-        lr_scheduler_type="cosine", warmup_steps=0.1, bf16=dtype == torch.bfloat16, use_cpu=True,
+        output_dir=str(work / "trl-out"), beta=BETA, loss_type=["sigmoid", "sft"], loss_weights=[1.0, NLL_WEIGHT],
+        max_length=MAX_LENGTH, per_device_train_batch_size=job["batch_size"],
+        gradient_accumulation_steps=job["grad_accum"], num_train_epochs=1, learning_rate=LR,
+        lr_scheduler_type="cosine", warmup_steps=WARMUP_RATIO, bf16=dtype == torch.bfloat16, use_cpu=True,
         gradient_checkpointing=False, precompute_ref_log_probs=precompute, report_to="none", save_strategy="no",
-        logging_steps=1, seed=0, dataloader_num_workers=0, disable_tqdm=True,
+        logging_steps=1, seed=SEED, dataloader_num_workers=0, disable_tqdm=True,
     )
-    peft = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    peft = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                      target_modules=LORA["target_modules"], task_type="CAUSAL_LM")
     trainer = DPOTrainer(model=model, args=args, processing_class=tok, train_dataset=Dataset.from_list(job["examples"]),
                          peft_config=peft)
     t_train = time.perf_counter()
@@ -158,6 +173,121 @@ def worker_trl(job: dict, precompute: bool) -> dict:
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}
 
 
+def worker_hand(job: dict) -> dict:
+    """A plain PyTorch DPO + NLL loop: transformers + peft only, none of lidr's trainer code."""
+    import math
+    import random
+
+    import torch
+    import torch.nn.functional as F
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
+
+    from lidr.pipeline.train import resolve_dtype  # the dtype the other workers get ("auto": fp32 here)
+
+    dtype = resolve_dtype(job["dtype"])
+    bs, accum, examples = job["batch_size"], job["grad_accum"], job["examples"]
+    work = Path(job["workdir"])
+    start = time.perf_counter()
+    torch.manual_seed(SEED)
+
+    # tokens: prompt and responses apart (the texts are rendered already), then concatenated
+    tok = AutoTokenizer.from_pretrained(job["model"])
+    pad = next(i for i in (tok.pad_token_id, tok.eos_token_id, 0) if i is not None)
+    enc = lambda key: tok([e[key] for e in examples], add_special_tokens=False)["input_ids"]  # noqa: E731
+    pairs = []
+    for p, c, r in zip(enc("prompt"), enc("chosen"), enc("rejected")):
+        longest = max(len(c), len(r))
+        if len(p) + longest > MAX_LENGTH:  # prompt loses its start (keeps half the room), responses their end
+            p = p[len(p) - max(MAX_LENGTH - longest, min(len(p), MAX_LENGTH // 2)):]
+            c, r = c[:MAX_LENGTH - len(p)], r[:MAX_LENGTH - len(p)]
+        pairs.append((p, c, r))
+    n = len(pairs)
+
+    model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=dtype)
+    model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                                             target_modules=LORA["target_modules"], task_type="CAUSAL_LM"))
+    causal = model.get_base_model()
+    body, head = causal.model, causal.get_output_embeddings()  # decoder (LoRA layers in place), output layer
+    softcap = getattr(causal.config, "final_logit_softcapping", None)
+
+    def batch(idx: list[int]):
+        """2B right-padded rows, prompt+chosen then prompt+rejected; which positions predict a response token."""
+        rows = [pairs[i][0] + pairs[i][1] for i in idx] + [pairs[i][0] + pairs[i][2] for i in idx]
+        plen = torch.tensor([len(pairs[i][0]) for i in idx] * 2)[:, None]
+        rlen = torch.tensor([len(x) for x in rows])[:, None]
+        width = int(rlen.max())
+        ids = torch.tensor([x + [pad] * (width - len(x)) for x in rows])
+        t = torch.arange(width - 1)[None]
+        predicts = (t >= plen - 1) & (t < rlen - 1)  # position t predicts token t+1
+        return ids, (torch.arange(width)[None] < rlen).long(), predicts, rlen - plen
+
+    def seq_logps(ids, mask, predicts):
+        """Summed log-prob of each row's response tokens: the head on the response positions only."""
+        hidden = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        logits = head(hidden[:, :-1][predicts]).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        lp = logits.log_softmax(-1).gather(-1, ids[:, 1:][predicts][:, None]).squeeze(-1)
+        return lp.new_zeros(len(ids)).index_add(0, predicts.nonzero()[:, 0], lp)
+
+    # reference log-probs, once: adapters off, longest pairs first, 2B pairs (4B rows) per forward
+    t_ref = time.perf_counter()
+    length = [len(p) + max(len(c), len(r)) for p, c, r in pairs]
+    order = sorted(range(n), key=length.__getitem__, reverse=True)
+    ref = torch.zeros(n, 2)
+    model.eval()
+    with torch.inference_mode(), model.disable_adapter():
+        for s in range(0, n, 2 * bs):
+            idx = order[s:s + 2 * bs]
+            ids, mask, predicts, _ = batch(idx)
+            ref[idx] = seq_logps(ids, mask, predicts).view(2, -1).T
+    ref = ref.clone()  # a normal tensor outside inference mode
+    model.train()
+
+    # the batches: lidr's plan (shuffle, sort by length in windows of 50 batches, shuffle the batches)
+    rng = random.Random(SEED)
+    shuffled = list(range(n))
+    rng.shuffle(shuffled)
+    batches = []
+    for s in range(0, n, bs * 50):
+        window = sorted(shuffled[s:s + bs * 50], key=length.__getitem__)
+        batches += [window[i:i + bs] for i in range(0, len(window), bs)]
+    rng.shuffle(batches)
+    groups = [batches[s:s + accum] for s in range(0, len(batches), accum)]  # one optimizer step each
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=True)
+    sched = get_cosine_schedule_with_warmup(opt, math.ceil(WARMUP_RATIO * len(groups)), len(groups))
+    t_train = time.perf_counter()
+    losses = []
+    for group in groups:
+        in_step, step_loss = sum(map(len, group)), 0.0
+        for idx in group:
+            ids, mask, predicts, ntok = batch(idx)
+            chosen, rejected = seq_logps(ids, mask, predicts).chunk(2)
+            margin = BETA * ((chosen - ref[idx, 0]) - (rejected - ref[idx, 1]))
+            per_pair = -F.logsigmoid(margin) + NLL_WEIGHT * (-chosen / ntok[:len(idx), 0])  # NLL: mean per token
+            loss = per_pair.sum() / in_step  # the mean over the step's pairs
+            loss.backward()
+            step_loss += loss.item()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(step_loss)
+    t_save = time.perf_counter()
+    merged = model.merge_and_unload()
+    merged.save_pretrained(work / "hand-model", safe_serialization=True)
+    tok.save_pretrained(work / "hand-model")
+    end = time.perf_counter()
+    return {"total": end - start, "work": t_save - t_ref,
+            "parts": {"load+tokenise": t_ref - start, "ref": t_train - t_ref, "train": t_save - t_train,
+                      "merge+save": end - t_save},
+            "steps": len(groups), "dtype": str(dtype).removeprefix("torch."),
+            "first_loss": losses[0], "last_loss": losses[-1], "losses": losses}
+
+
 def run_worker(args) -> None:
     job = json.loads(args.job.read_text())
     job["examples"] = [json.loads(line) for line in Path(job["examples_file"]).read_text().splitlines()]
@@ -167,6 +297,8 @@ def run_worker(args) -> None:
         torch.set_num_threads(job["threads"])
     if args.worker == "lidr":
         result = worker_lidr(job)
+    elif args.worker == "hand":
+        result = worker_hand(job)
     else:
         result = worker_trl(job, job.get("precompute", False))
     result["peak_rss_mb"] = peak_rss_mb()
@@ -179,7 +311,7 @@ def spawn(name: str, job: dict, workdir: Path) -> dict:
     job_file = workdir / f"{name}.job.json"
     job_file.write_text(json.dumps(job))
     log = workdir / f"{name}.log"
-    kind = "trl" if name.startswith("trl") else "lidr"
+    kind = name.split("-")[0]  # lidr, hand, trl (trl-precompute: trl)
     with open(log, "w") as fh:
         rc = subprocess.run([sys.executable, __file__, "--worker", kind, "--job", str(job_file)],
                             stdout=fh, stderr=subprocess.STDOUT).returncode
@@ -209,7 +341,10 @@ def main(argv=None) -> None:
           f"batch {args.batch_size} x accumulation {args.grad_accum}")
 
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    runs = [r for r in ("lidr", "trl") if r not in skip] + (["trl-precompute"] if args.trl_precompute_ref else [])
+    unknown = skip - set(TRAINERS)
+    if unknown:
+        raise SystemExit(f"--skip: unknown trainer(s) {', '.join(sorted(unknown))}; choose from {', '.join(TRAINERS)}")
+    runs = [r for r in TRAINERS if r not in skip] + (["trl-precompute"] if args.trl_precompute_ref else [])
     results = {}
     with tempfile.TemporaryDirectory(prefix="lidr-bench-train-") as tmp:
         workdir = Path(tmp)
@@ -239,12 +374,24 @@ def main(argv=None) -> None:
     speed_e2e = trl["total"] / lidr["total"] if lidr and trl else nan
     mem = lidr["peak_rss_mb"] / trl["peak_rss_mb"] if lidr and trl else nan
     print()
-    print(f"target: >= 4x TRL's pairs/s at no more peak memory: "
-          f"{'met' if speed >= 4 and mem <= 1 else 'NOT met'} ({speed:.2f}x train work, {speed_e2e:.2f}x end to end, "
-          f"peak memory ratio {mem:.2f})")
+    verdict = "not run" if speed != speed else "met" if speed >= 4 and mem <= 1 else "NOT met"
+    print(f"target: >= 4x TRL's pairs/s at no more peak memory: {verdict} ({speed:.2f}x train work, "
+          f"{speed_e2e:.2f}x end to end, peak memory ratio {mem:.2f})")
+    hand = results.get("hand")
+    speed_hand = hand["work"] / lidr["work"] if lidr and hand else nan
+    print(f"vs the hand-written loop: hand train work / lidr train work = {speed_hand:.2f} "
+          f"(>= {1 / 1.3:.2f} means lidr is within 1.3x of the hand loop: "
+          f"{'not run' if speed_hand != speed_hand else 'met' if speed_hand >= 1 / 1.3 else 'NOT met'}; "
+          f"> 1: lidr is faster)")
+    if lidr and hand:
+        diff = max(abs(a - b) for a, b in zip(lidr["losses"], hand["losses"]))
+        print(f"same batches, same loss: first step lidr {lidr['first_loss']:.6f}, hand {hand['first_loss']:.6f}; "
+              f"largest step-loss difference over {min(len(lidr['losses']), len(hand['losses']))} steps {diff:.2g}")
     figures = {"speedup_vs_trl": speed, "peak_mem_ratio_vs_trl": mem, "speedup_vs_trl_end_to_end": speed_e2e,
                "lidr_s_per_pair": lidr["work"] / n if lidr else nan, "trl_s_per_pair": trl["work"] / n if trl else nan,
-               "lidr_peak_mb": lidr["peak_rss_mb"] if lidr else nan, "trl_peak_mb": trl["peak_rss_mb"] if trl else nan}
+               "lidr_peak_mb": lidr["peak_rss_mb"] if lidr else nan, "trl_peak_mb": trl["peak_rss_mb"] if trl else nan,
+               "speedup_vs_hand": speed_hand, "hand_s_per_pair": hand["work"] / n if hand else nan,
+               "hand_peak_mb": hand["peak_rss_mb"] if hand else nan}
     if "trl-precompute" in results and lidr:
         figures["speedup_vs_trl_precompute"] = results["trl-precompute"]["work"] / lidr["work"]
     figures["pairs"] = n

@@ -8,6 +8,7 @@ the file, line and field they come from.
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -92,6 +93,14 @@ class GenerationConfig(_Section):
     translation_max_new_tokens: int | None = Field(
         None, description="Translation length limit; null = 1.5 x max_new_tokens (paper: 4096)."
     )
+    translation_length_ratio: float | None = Field(
+        4.0, gt=0,
+        description=(
+            "A translation is also cut (and fails) at this many times its source's tokens, plus 16: "
+            "a repetition loop on a short text then ends early instead of running to the limit. "
+            "null = translation_max_new_tokens only (paper)."
+        ),
+    )
     batch_size: int = Field(64, ge=1, description="Most sequences decoded at once (continuous batching: a finished row's place goes to the next prompt).")
     repetition_penalty: float = Field(1.1, gt=0, description="For responses (paper: 1.1).")
     translation_repetition_penalty: float = Field(1.0, gt=0, description="For translations (paper: none).")
@@ -129,6 +138,12 @@ class GenerationConfig(_Section):
     @property
     def translation_tokens(self) -> int:
         return self.translation_max_new_tokens or int(self.max_new_tokens * 1.5)
+
+    def translation_limit(self, source_tokens: int) -> int:
+        """Token limit of one translation whose source text has `source_tokens` tokens."""
+        if self.translation_length_ratio is None:
+            return self.translation_tokens
+        return min(self.translation_tokens, math.ceil(self.translation_length_ratio * source_tokens) + 16)
 
 
 class LoraConfig(_Section):

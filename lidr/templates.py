@@ -83,7 +83,11 @@ class PromptFormat:
             )
         return self._bos() + shot + f"{header}{s}: {SRC_OPEN}{text.strip()}{SRC_CLOSE}\n{t}: {OUT_OPEN}"
 
-    translation_stops = [OUT_CLOSE]
+    # Besides the closing delimiter: a source delimiter means the model has left its
+    # translation to continue the request's pattern (a new source text, or a wrong
+    # closing tag). That translation has failed; stopping there saves the tokens it would
+    # spend running to the limit.
+    translation_stops = [OUT_CLOSE, SRC_OPEN, SRC_CLOSE]
 
     # ---- helpers --------------------------------------------------------------------
     def _bos(self) -> str:
@@ -123,11 +127,14 @@ def parse_translation(raw: str) -> tuple[str | None, bool]:
     """Text the model generated after the pre-filled OUT_OPEN -> (translation, ok).
 
     The translation is what lies before OUT_CLOSE; without OUT_CLOSE (the model ran out
-    of tokens or wandered off) or with nothing inside, the translation has failed.
+    of tokens or wandered off), with a source delimiter before it (the model went on with
+    the request's pattern) or with nothing inside, the translation has failed.
     """
     if OUT_CLOSE not in raw:
         return None, False
     text = raw.split(OUT_CLOSE, 1)[0].strip()
+    if SRC_OPEN in text or SRC_CLOSE in text:
+        return None, False
     if text.startswith(OUT_OPEN):  # some models repeat the pre-filled delimiter
         text = text[len(OUT_OPEN):].strip()
     return (text, True) if text else (None, False)

@@ -79,3 +79,12 @@ def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
     assert isinstance(Config(), Config)
+
+
+def test_translation_limit_follows_the_source_length():
+    gen = load_config(None, ["generation.max_new_tokens=96"]).generation
+    assert gen.translation_tokens == 144
+    assert gen.translation_limit(10) == 4 * 10 + 16  # a short text: cut early if it loops
+    assert gen.translation_limit(100) == 144  # never past the stage's limit
+    paper = load_config(None, ["generation.max_new_tokens=96", "generation.translation_length_ratio=null"]).generation
+    assert paper.translation_limit(10) == 144

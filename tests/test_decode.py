@@ -129,3 +129,88 @@ def test_results_arrive_row_by_row_and_progress_counts_each(backend):
                         on_result=lambda k, g: order.append(k), advance=ticks.append, max_new_tokens=3)
     assert sorted(order) == list(range(len(PROMPTS))) and ticks == [1] * len(PROMPTS)
     assert backend.generate([], max_new_tokens=3) == []
+
+
+@pytest.mark.parametrize("max_rows", [2, 16])
+def test_rows_with_their_own_limit_and_penalty_share_a_run(backend, max_rows):
+    """Requests that set their own token limit and repetition penalty (MGSM and
+    X-AlpacaEval answers in one evaluation run) get what `generate` gives each alone."""
+    from lidr.backends import Request, run_batched
+
+    settings = [(12, 1.0), (5, 1.3), (9, None), (3, 1.0), (12, 1.3), (None, 1.0), (7, 1.5)]
+    reqs = [Request(i, p, [], n, pen) for i, (p, (n, pen)) in enumerate(zip(PROMPTS, settings))]
+    results, ticks = {}, []
+    run_batched(backend, reqs, batch_size=max_rows, on_result=results.__setitem__, advance=ticks.append,
+                max_new_tokens=10, repetition_penalty=1.2)  # the defaults of rows that set None
+    assert len(ticks) == len(PROMPTS)
+    for i, (p, (n, pen)) in enumerate(zip(PROMPTS, settings)):
+        n, pen = n or 10, pen or 1.2
+        want = backend.tokenizer.decode(_reference(backend, p, n, pen, None), skip_special_tokens=True)
+        assert (results[i].text, results[i].finish_reason) == (want, "length"), (p, n, pen)
+
+
+def test_engines_without_their_own_scheduler_get_one_call_per_setting(backend):
+    """The generic path of `run_batched` (vLLM's): rows are grouped by their settings, and
+    each group goes to `generate` with its own limit and penalty."""
+    from lidr.backends import Request, run_batched
+
+    calls = []
+
+    class GenerateOnly:  # the hf engine seen through the plain interface only
+        count_tokens = backend.count_tokens
+
+        def generate(self, prompts, **kw):
+            calls.append((len(prompts), kw["max_new_tokens"], kw["repetition_penalty"]))
+            return backend.generate(prompts, **kw)
+
+    reqs = [Request(i, p, [], 4 if i % 2 else 8, 1.3 if i % 2 else None) for i, p in enumerate(PROMPTS)]
+    results = {}
+    run_batched(GenerateOnly(), reqs, batch_size=3, on_result=results.__setitem__, max_new_tokens=6,
+                repetition_penalty=1.0)
+    assert sorted(calls) == [(1, 8, 1.0), (3, 4, 1.3), (3, 8, 1.0)]
+    for i, p in enumerate(PROMPTS):
+        n, pen = (4, 1.3) if i % 2 else (8, 1.0)
+        assert results[i].text == backend.tokenizer.decode(_reference(backend, p, n, pen, None), skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_fp16_screened_output_layer_gives_the_same_tokens(backend, penalty, monkeypatch):
+    """One-row steps with the fp16 screen (lidr/head.py, HalfHead) choose what the fp32 output
+    layer chooses: the same tokens as `generate`, with soft-capping (gemma3) and the penalty."""
+    from lidr.backends.decode import ContinuousDecoder
+    from lidr.head import HalfHead
+
+    monkeypatch.setattr(HalfHead, "faster", staticmethod(lambda *a, **k: True))  # tiny heads are not faster
+    decoder = ContinuousDecoder(backend.model, backend.tokenizer, set())
+    assert decoder.half_head is not None
+    screened = []
+    choose = decoder._screened_choice
+    monkeypatch.setattr(decoder, "_screened_choice", lambda *a: screened.append(1) or choose(*a))
+    results = {}
+    decoder.run([(i, p, []) for i, p in enumerate(PROMPTS)], max_rows=1, max_new_tokens=10,
+                repetition_penalty=penalty, on_result=results.__setitem__)
+    assert len(screened) == len(PROMPTS) * 10  # every choice: one row at a time, prefill included
+    for i, p in enumerate(PROMPTS):
+        want = backend.tokenizer.decode(_reference(backend, p, 10, penalty, None), skip_special_tokens=True)
+        assert results[i].text == want, p
+
+
+def test_fp16_screen_bound_holds_and_keeps_the_argmax():
+    """The screen's error bound holds on a realistic output layer, and the exact argmax is
+    always among the tokens it keeps, even between near-tied tokens."""
+    from lidr.head import HalfHead
+
+    torch.manual_seed(0)
+    w = torch.randn(50_000, 640) * 0.04
+    w[7] = w[3] + 1e-6  # a near tie
+    w[11] *= 1e-4  # weights in fp16's subnormal range
+    half = HalfHead(w)
+    for scale in (1.0, 30.0, 200.0):
+        for _ in range(5):
+            h = torch.randn(1, 640) * scale
+            h[0, :8] = w[3, :8].sign() * scale * 4  # push tokens 3 and 7 to the top
+            approx, eps = half.approx(h)
+            exact = (w @ h.T).T
+            assert float((approx - exact).abs().max()) <= eps
+            kept = (approx[0] >= approx[0].max() - 2 * eps).nonzero()[:, 0]
+            assert int(exact.argmax()) in kept.tolist() and len(kept) < 100

@@ -72,6 +72,22 @@ def test_greedy_text_stop_strings_and_finish_reason(llama_url, tok_path):
         b.close()
 
 
+def test_rows_keep_their_own_token_limit(llama_url, tok_path):
+    from lidr.backends import Request
+
+    b = make_backend("openai", tok_path, server=endpoint(llama_url))
+    try:
+        counting = b.tokenizer.bos_token + "1, 2, 3, 4, 5, 6,"
+        results = {}
+        run_batched(b, [Request("short", counting, [], 4), Request("default", counting, [])], batch_size=2,
+                    on_result=results.__setitem__, max_new_tokens=12)
+        assert results["short"].finish_reason == results["default"].finish_reason == "length"
+        assert b.count_tokens(results["short"].text) <= 5 < b.count_tokens(results["default"].text)
+        assert results["default"].text.startswith(results["short"].text)
+    finally:
+        b.close()
+
+
 def test_eos_is_not_taken_for_a_stop_string(llama_url, tokenizer):
     """A row that ends on EOS comes back without its stop string: it must stay without."""
     b = backend_at(llama_url, tokenizer)

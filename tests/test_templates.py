@@ -30,6 +30,9 @@ def _tok(chat: bool):
         (f"{OUT_OPEN}Hola</translation>", ("Hola", True)),  # repeated opening delimiter
         ("Hola mundo, y luego sigue sin cerrar", (None, False)),  # no closing delimiter: failed
         ("   </translation>", (None, False)),  # empty: failed
+        # the model went on with the request's pattern before closing: failed
+        ("Tokio.</source>\nEnglish: <translation>I am in Tokyo.</translation>", (None, False)),
+        ("Tokio.\nGerman: <source>Hallo</translation>", (None, False)),
         ("", (None, False)),
     ],
 )
@@ -54,7 +57,7 @@ def test_translation_prompt_prefills_the_opening_delimiter():
         fmt = choose_format(_tok(chat=chat), "auto")
         p = fmt.translation_prompt("The cat sleeps.", "en", "fr")
         assert p.endswith(OUT_OPEN) and SRC_OPEN + ("\n" if chat else "") + "The cat sleeps." in p
-        assert "French" in p and fmt.translation_stops == [OUT_CLOSE]
+        assert "French" in p and fmt.translation_stops[0] == OUT_CLOSE
 
 
 def test_chat_format_and_end_of_turn():

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
-from lidr.backends.hf import Generation, HFBackend
+from lidr.backends.decode import Generation, Request, as_requests
+from lidr.backends.hf import HFBackend
+
+__all__ = ["Generation", "HFBackend", "Request", "make_backend", "run_batched"]
 
 
 def make_backend(name: str, model_path, dtype: str = "auto", trust_remote_code: bool = False, *,
@@ -30,26 +33,37 @@ def make_backend(name: str, model_path, dtype: str = "auto", trust_remote_code: 
 
 def run_batched(
     backend,
-    items: Iterable[tuple[object, str, list[str]]],
+    items: Iterable[Request | tuple[object, str, list[str]]],
     *,
     batch_size: int,
     on_result: Callable[[object, Generation], None],
     advance: Callable[[int], None] = lambda n: None,
-    **gen_kwargs,
+    max_new_tokens: int,
+    repetition_penalty: float = 1.0,
 ) -> None:
-    """Generate for (key, prompt, stop strings) items; results go to `on_result` as they come.
+    """Generate for the items (`Request`s, or (key, prompt, stop strings) tuples); results go
+    to `on_result` as they come. A Request's own token limit or repetition penalty overrides
+    the call's for that row.
 
     A backend with its own `run_batched` schedules the rows itself: hf decodes with continuous
     batching (`decode.py`: a row's result arrives the step it ends), openai sends one request
     per row. Any other engine (vllm, which schedules inside `generate`) gets chunks of
-    `batch_size` items sorted by prompt length, and results arrive chunk by chunk.
+    `batch_size` items with the same settings, sorted by prompt length, and results arrive
+    chunk by chunk.
     """
     if hasattr(backend, "run_batched"):
-        return backend.run_batched(items, batch_size=batch_size, on_result=on_result, advance=advance, **gen_kwargs)
-    items = sorted(items, key=lambda item: backend.count_tokens(item[1]))
-    for start in range(0, len(items), batch_size):
-        batch = items[start : start + batch_size]
-        outs = backend.generate([p for _, p, _ in batch], stops=[s for _, _, s in batch], **gen_kwargs)
-        for (key, _, _), out in zip(batch, outs):
-            on_result(key, out)
+        return backend.run_batched(items, batch_size=batch_size, on_result=on_result, advance=advance,
+                                   max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty)
+    reqs = as_requests(items, max_new_tokens, repetition_penalty)
+    reqs.sort(key=lambda r: (r.max_new_tokens, r.repetition_penalty, backend.count_tokens(r.prompt)))
+    start = 0
+    while start < len(reqs):
+        first = reqs[start]
+        batch = [r for r in reqs[start : start + batch_size]
+                 if (r.max_new_tokens, r.repetition_penalty) == (first.max_new_tokens, first.repetition_penalty)]
+        outs = backend.generate([r.prompt for r in batch], stops=[r.stops for r in batch],
+                                max_new_tokens=first.max_new_tokens, repetition_penalty=first.repetition_penalty)
+        for r, out in zip(batch, outs):
+            on_result(r.key, out)
         advance(len(batch))
+        start += len(batch)

@@ -7,7 +7,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from lidr.backends.decode import ContinuousDecoder, Generation
+from lidr.backends.decode import ContinuousDecoder, Generation, Request
 from lidr.models import default_device, load_model, load_tokenizer
 
 __all__ = ["Generation", "HFBackend"]
@@ -53,7 +53,7 @@ class HFBackend:
 
     def run_batched(
         self,
-        items: Iterable[tuple[object, str, list[str]]],
+        items: Iterable[Request | tuple[object, str, list[str]]],
         *,
         batch_size: int,
         on_result: Callable[[object, Generation], None],
@@ -62,7 +62,8 @@ class HFBackend:
         repetition_penalty: float = 1.0,
     ) -> None:
         """Continuous batching: up to `batch_size` rows decode together, each result goes to
-        `on_result` the moment its row ends, and a waiting prompt takes its place."""
+        `on_result` the moment its row ends, and a waiting prompt takes its place. A Request's
+        own token limit or repetition penalty overrides the call's for that row."""
 
         def done(key, gen):
             on_result(key, gen)

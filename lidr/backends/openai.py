@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Iterable
 
-from lidr.backends.hf import Generation
+from lidr.backends.decode import Generation, Request, as_requests
 from lidr.errors import BackendError
 from lidr.models import load_tokenizer
 from lidr.openai_client import OpenAIClient, RequestFailed, client_from
@@ -131,8 +131,10 @@ class OpenAIBackend:
                 return value if isinstance(value, str) and value in stops else None
         # Servers that say nothing (llama.cpp): they count every generated token, the cut
         # stop string's included, so more generated tokens than the text holds means a
-        # stop string ended it. Which one is not known: the first is restored (responses
-        # are cut at any stop string anyway; translations have exactly one).
+        # stop string ended it. Which one is not known: the first is restored. Responses
+        # are cut at any stop string anyway; for a translation that is the closing
+        # delimiter, so one the model ended with a source delimiter instead counts as
+        # closed there (servers that report the matched stop mark it failed).
         generated = (resp.get("usage") or {}).get("completion_tokens")
         if isinstance(generated, int) and generated > self.count_tokens(text) + 1:
             return stops[0]
@@ -152,7 +154,7 @@ class OpenAIBackend:
                          on_result=keep, max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty)
         return out  # type: ignore[return-value]
 
-    def run_batched(self, items: Iterable[tuple[object, str, list[str]]], *, batch_size: int,
+    def run_batched(self, items: Iterable[Request | tuple[object, str, list[str]]], *, batch_size: int,
                     on_result: Callable[[object, Generation], None], advance: Callable[[int], None] = lambda n: None,
                     max_new_tokens: int, repetition_penalty: float = 1.0) -> None:
         """Every row is its own request, `concurrency` in flight; each result goes to
@@ -160,20 +162,20 @@ class OpenAIBackend:
         Rows go out in chunks of `batch_size`, so an interrupted run loses at most the
         requests in flight. A chunk in which every row failed stops the stage early (the
         server is down or refusing): retrying the rest would only wait out the backoffs."""
-        items = list(items)
+        items = as_requests(items, max_new_tokens, repetition_penalty)
         failed, errors, skipped = 0, [], 0
         for start in range(0, len(items), max(1, batch_size)):
             chunk = items[start : start + max(1, batch_size)]
             ok_in_chunk = 0
-            for (key, prompt, stops), result in self.client.map(
-                lambda it: self._complete(it[1], it[2], max_new_tokens, repetition_penalty), chunk
+            for req, result in self.client.map(
+                lambda r: self._complete(r.prompt, r.stops, r.max_new_tokens, r.repetition_penalty), chunk
             ):
                 if isinstance(result, Exception):
                     failed += 1
                     errors.append(str(result))
                 else:
                     ok_in_chunk += 1
-                    on_result(key, result)
+                    on_result(req.key, result)
                 advance(1)
             if ok_in_chunk == 0 and chunk:
                 skipped = len(items) - start - len(chunk)

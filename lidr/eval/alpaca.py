@@ -92,27 +92,34 @@ def score_answer(item: dict, lang: str, output: str, finish_reason: str | None) 
             "finish_reason": finish_reason, "detected_lang": detected, "off_target": off}
 
 
+def answer_set(fmt, data: dict[str, list[dict]], out_dir: Path, *, max_new_tokens: int,
+               repetition_penalty: float = 1.0):
+    """The answers still needed (ids already in <out>/answers/<lang>.jsonl are kept),
+    checked for language and appended as they arrive."""
+    from lidr.backends import Request
+    from lidr.eval.answers import AnswerSet
+
+    writers = {lang: JsonlAppender(out_dir / "answers" / f"{lang}.jsonl") for lang in data}
+    requests = [Request((lang, it["id"]), fmt.response_prompt(it["instruction"], lang), fmt.response_stops(lang),
+                        max_new_tokens, repetition_penalty)
+                for lang, its in data.items() for it in its if it["id"] not in writers[lang].done]
+    by_key = {(lang, it["id"]): it for lang, its in data.items() for it in its}
+
+    def record(key, out) -> None:
+        lang = key[0]
+        writers[lang].write(score_answer(by_key[key], lang, fmt.clean_response(out.text, lang), out.finish_reason))
+
+    return AnswerSet("x-alpacaeval answers", requests, record, lambda: [w.close() for w in writers.values()])
+
+
 def generate_answers(backend, fmt, data: dict[str, list[dict]], out_dir: Path, *, max_new_tokens: int,
                      batch_size: int, repetition_penalty: float = 1.0, progress=None) -> None:
     """The model's answers, per language (resumable: ids already written are kept)."""
-    from lidr.backends import run_batched
-    from lidr.console import tracker
+    from lidr.eval import answers
 
-    writers = {lang: JsonlAppender(out_dir / "answers" / f"{lang}.jsonl") for lang in data}
-    items = [((lang, it["id"]), fmt.response_prompt(it["instruction"], lang), fmt.response_stops(lang))
-             for lang, its in data.items() for it in its if it["id"] not in writers[lang].done]
-    by_key = {(lang, it["id"]): it for lang, its in data.items() for it in its}
-    advance = tracker(progress, "x-alpacaeval answers", len(items))
-    try:
-        run_batched(
-            backend, items, batch_size=batch_size,
-            on_result=lambda key, out: writers[key[0]].write(
-                score_answer(by_key[key], key[0], fmt.clean_response(out.text, key[0]), out.finish_reason)),
-            advance=advance, max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
-        )
-    finally:
-        for w in writers.values():
-            w.close()
+    answers.generate(backend, [answer_set(fmt, data, out_dir, max_new_tokens=max_new_tokens,
+                                          repetition_penalty=repetition_penalty)],
+                     batch_size=batch_size, progress=progress)
 
 
 def load_answers(out_dir: Path, langs: list[str]) -> dict[str, dict[int, dict]]:

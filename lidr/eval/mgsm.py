@@ -105,28 +105,34 @@ def summarize(records: dict[str, list[dict]]) -> dict:
     }
 
 
-def evaluate_mgsm(backend, fmt, data: dict[str, list[dict]], out_dir: Path, *, max_new_tokens: int,
-                  batch_size: int, repetition_penalty: float = 1.0, progress=None) -> dict:
-    """Generate (resumable: ids already in <out>/<lang>.jsonl are kept), score, summarize."""
-    from lidr.backends import run_batched
-    from lidr.console import tracker
+def answer_set(fmt, data: dict[str, list[dict]], out_dir: Path, *, max_new_tokens: int,
+               repetition_penalty: float = 1.0):
+    """The answers MGSM still needs (ids already in <out>/<lang>.jsonl are kept), scored and
+    appended as they arrive."""
+    from lidr.backends import Request
+    from lidr.eval.answers import AnswerSet
 
     writers = {lang: JsonlAppender(out_dir / f"{lang}.jsonl") for lang in data}
-    items = [((lang, it["id"]), mgsm_prompt(fmt, it["question"], lang), fmt.response_stops(lang))
-             for lang, its in data.items() for it in its if it["id"] not in writers[lang].done]
+    requests = [Request((lang, it["id"]), mgsm_prompt(fmt, it["question"], lang), fmt.response_stops(lang),
+                        max_new_tokens, repetition_penalty)
+                for lang, its in data.items() for it in its if it["id"] not in writers[lang].done]
     by_key = {(lang, it["id"]): it for lang, its in data.items() for it in its}
-    advance = tracker(progress, "mgsm", len(items))
-    try:
-        run_batched(
-            backend, items, batch_size=batch_size,
-            on_result=lambda key, out: writers[key[0]].write(
-                score(by_key[key], key[0], fmt.clean_response(out.text, key[0]), out.finish_reason)),
-            advance=advance,
-            max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
-        )
-    finally:
-        for w in writers.values():
-            w.close()
+
+    def record(key, out) -> None:
+        lang = key[0]
+        writers[lang].write(score(by_key[key], lang, fmt.clean_response(out.text, lang), out.finish_reason))
+
+    return AnswerSet("mgsm", requests, record, lambda: [w.close() for w in writers.values()])
+
+
+def evaluate_mgsm(backend, fmt, data: dict[str, list[dict]], out_dir: Path, *, max_new_tokens: int,
+                  batch_size: int, repetition_penalty: float = 1.0, progress=None) -> dict:
+    """Generate (resumable), score, summarize."""
+    from lidr.eval import answers
+
+    answers.generate(backend, [answer_set(fmt, data, out_dir, max_new_tokens=max_new_tokens,
+                                          repetition_penalty=repetition_penalty)],
+                     batch_size=batch_size, progress=progress)
     return write_summary(out_dir, list(data))
 
 

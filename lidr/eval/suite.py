@@ -3,8 +3,9 @@
 
 `prepare` checks the data before any model loads; `evaluate_model` runs, for one
 model: MGSM (accuracy, off-target), X-AlpacaEval answers (off-target, and win rate
-against the reference when a judge is set) and the reference likelihood. Each part
-writes its own folder under the model's eval folder and resumes where it stopped.
+against the reference when a judge is set) and the reference likelihood. The answers
+of both benchmarks come from one decoding run. Each part writes its own folder under
+the model's eval folder and resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -66,17 +67,25 @@ def evaluate_model(backend, fmt, plan: EvalPlan, cfg: EvalConfig, out_dir: Path,
                    batch_size: int, repetition_penalty: float = 1.0, judge=None, seed: int = 0,
                    progress=None) -> dict:
     """Run every configured benchmark on one loaded model; returns the headline numbers."""
-    from lidr.eval import alpaca, likelihood, mgsm
+    from lidr.eval import alpaca, answers, likelihood, mgsm
 
     out: dict = {}
+    # MGSM and X-AlpacaEval answers decode in one run (each row with its own limit and
+    # penalty): one tail of long answers instead of two.
+    sets = []
     if plan.mgsm:
-        s = mgsm.evaluate_mgsm(backend, fmt, plan.mgsm, out_dir / "mgsm", max_new_tokens=cfg.mgsm.max_new_tokens,
-                               batch_size=batch_size, repetition_penalty=1.0, progress=progress)
+        sets.append(mgsm.answer_set(fmt, plan.mgsm, out_dir / "mgsm", max_new_tokens=cfg.mgsm.max_new_tokens,
+                                    repetition_penalty=1.0))
+    if plan.alpaca:
+        sets.append(alpaca.answer_set(fmt, plan.alpaca, out_dir / "alpaca", max_new_tokens=cfg.alpaca.max_new_tokens,
+                                      repetition_penalty=repetition_penalty))
+    answers.generate(backend, sets, batch_size=batch_size, progress=progress)
+
+    if plan.mgsm:
+        s = mgsm.write_summary(out_dir / "mgsm", list(plan.mgsm))
         out["mgsm_accuracy"], out["mgsm_off_target"] = s["average_accuracy"], s["average_off_target_rate"]
     if plan.alpaca:
         dest = out_dir / "alpaca"
-        alpaca.generate_answers(backend, fmt, plan.alpaca, dest, max_new_tokens=cfg.alpaca.max_new_tokens,
-                                batch_size=batch_size, repetition_penalty=repetition_penalty, progress=progress)
         alpaca.export_model_outputs(dest, plan.alpaca, generator)
         failures = None
         if judge is not None:

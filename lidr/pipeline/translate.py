@@ -3,7 +3,10 @@
 The dominant answer goes into each non-dominant language (y^{d->l}) and each
 non-dominant answer into the dominant language (y^{l->d}). The request wraps the text
 in delimiters and pre-fills the opening result delimiter; a result without the closing
-delimiter, or an empty one, is a failed translation, kept with its raw output.
+delimiter, or an empty one, is a failed translation, kept with its raw output. A
+translation stops at the first delimiter the model writes, and at
+`generation.translation_limit` tokens (a multiple of its source's length, within the
+stage's limit): past that it is looping, not translating.
 
 Writes translations/<src>-<tgt>.jsonl: {id, src, tgt, text, translation, ok, raw}.
 """
@@ -12,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lidr.backends import run_batched
+from lidr.backends import Request, run_batched
 from lidr.config import GenerationConfig
 from lidr.console import tracker
 from lidr.records import JsonlAppender
@@ -51,10 +54,12 @@ def translate(
         for key in empty:
             write(key, "")
         advance(len(empty))
-        items = [
-            (key, fmt.translation_prompt(responses[key[0]][key[2]]["response"], key[0], key[1]), fmt.translation_stops)
-            for key in todo if key not in empty
-        ]
+        items = []
+        for key in todo:
+            if key not in empty:
+                text = responses[key[0]][key[2]]["response"]
+                items.append(Request(key, fmt.translation_prompt(text, key[0], key[1]), fmt.translation_stops,
+                                     gen.translation_limit(backend.count_tokens(text))))
         run_batched(
             backend, items, batch_size=gen.batch_size, on_result=lambda key, out: write(key, out.text),
             advance=advance, max_new_tokens=gen.translation_tokens,
