@@ -214,3 +214,25 @@ def test_fp16_screen_bound_holds_and_keeps_the_argmax():
             assert float((approx - exact).abs().max()) <= eps
             kept = (approx[0] >= approx[0].max() - 2 * eps).nonzero()[:, 0]
             assert int(exact.argmax()) in kept.tolist() and len(kept) < 100
+
+
+def test_prompts_that_begin_alike_share_their_prefix_forward(backend, monkeypatch):
+    """Few-shot prompts of one language (one translation direction) begin with the same
+    tokens: that prefix runs once for all of them, and every row still gets what `generate`
+    gives its prompt alone. With a sliding window shorter than prompt + answer (gemma3) the
+    padding between prefix and rest would shift the window, so sharing is off there."""
+    shot_a = "<s> the cat sat on the mat and then it ran under the big tree one two three four five six seven"
+    shot_b = "<s> seven eight nine ten the dog was very happy and sad then a red cat sat on one small mat"
+    prompts = [f"{shot_a} {t}" for t in ("the dog", "a big red", "nine ten one two", "it was")]
+    prompts += [f"{shot_b} {t}" for t in ("blue", "the small cat ran")] + ["<s> five six seven"]
+    fills = []
+    fill = backend.decoder._fill
+    monkeypatch.setattr(backend.decoder, "_fill", lambda ids, *a: fills.append(ids.shape) or fill(ids, *a))
+    out = backend.generate(prompts, max_new_tokens=8, repetition_penalty=1.2)
+    for p, got in zip(prompts, out):
+        want = backend.tokenizer.decode(_reference(backend, p, 8, 1.2, None), skip_special_tokens=True)
+        assert got.text == want, p
+    if backend.kind == "gemma3":
+        assert fills == []
+    else:  # one forward over the three prefixes (two shared, the lone prompt's first token)
+        assert len(fills) == 1 and fills[0][0] == 3

@@ -37,6 +37,9 @@ class Generation:
     finish_reason: str  # "stop" (EOS or a stop string) or "length" (token limit)
 
 
+MIN_SHARED = 16  # tokens two prompts must share before their prefix runs once for both
+
+
 class Request(NamedTuple):
     """One row to generate. A plain (key, prompt, stops) tuple is a Request with the call's
     settings; the last two fields override them for this row (so rows with different limits,
@@ -85,6 +88,7 @@ class ContinuousDecoder:
         # transformers renames `past_key_values` to `cache` (5.2x); pass whichever this version takes.
         forward = (self.body or model).forward
         self.cache_kw = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+        self.window = _sliding_window(self.new_cache())
         self.own_head = self.body is not None and self.head_weight is not None and self._own_head_matches()
         self.half_head = self._half_head() if self.own_head else None
 
@@ -198,13 +202,13 @@ class ContinuousDecoder:
             free = max_rows - len(rows)
             if pending and free >= min(refill_at, len(pending)) and self._can_join(cache):
                 group = [pending.popleft() for _ in range(min(free, len(pending)))]
-                g_cache, g_mask, g_seen, g_nxt = self._prefill([t for _, t in group], [r for r, _ in group])
+                group_rows, g_cache, g_mask, g_seen, g_nxt = self._prefill(group)
                 if rows:
                     cache, mask, seen = _join(cache, mask, seen, g_cache, g_mask, g_seen, self.pad_id)
                     nxt = torch.cat([nxt, g_nxt])
                 else:
                     cache, mask, seen, nxt = g_cache, g_mask, g_seen, g_nxt
-                rows += [r for r, _ in group]
+                rows += group_rows
                 penalty = _penalties(rows, self.device)
 
             keep = []
@@ -233,16 +237,77 @@ class ContinuousDecoder:
             seen = torch.cat([seen, nxt[:, None]], 1)  # kept for every row: a later row may need the penalty
             nxt = self._step(nxt[:, None], mask, mask.sum(-1, keepdim=True) - 1, cache, seen, penalty)
 
-    def _prefill(self, prompts: list[list[int]], rows: list[_Row]):
-        """Left-padded forward over new prompts: their cache, mask, ids for the penalty, first tokens."""
-        width = max(map(len, prompts))
-        ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=self.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
-        # The penalty looks at real tokens only: padding repeats the row's first token instead.
-        seen = torch.where(mask.bool(), ids, ids.gather(1, (width - mask.sum(1, keepdim=True)).clamp(max=width - 1)))
+    def _prefill(self, group: list[tuple[_Row, list[int]]]):
+        """The forward over new prompts: their rows (in the order of the cache), cache, mask,
+        ids for the penalty, and first tokens.
+
+        Prompts that begin alike (one language's few-shot examples, one translation direction's
+        header) share that prefix's forward, as with vLLM's prefix caching: each prefix runs
+        once, its cache is copied to the rows that start with it, and only the rest of each
+        prompt runs per row. The rows' tokens then sit as [pads, prefix | pads, rest]: the
+        mask hides the pads and positions count real tokens only."""
+        clusters = self._shared_prefixes(group)
+        if clusters is None:  # one left-padded forward over the whole prompts
+            rows = [r for r, _ in group]
+            ids, mask = _left_pad([t for _, t in group], self.pad_id, self.device)
+            seen, cache = _penalty_ids(ids, mask), self.new_cache()
+            nxt = self._step(ids, mask, _positions(mask), cache, seen, _penalties(rows, self.device))
+            return rows, cache, mask, seen, nxt
+
+        members = [(c, i) for c, (_, rows_of) in enumerate(clusters) for i in rows_of]
+        which = torch.tensor([c for c, _ in members], device=self.device)  # each row's prefix
+        rows = [group[i][0] for _, i in members]
+        # each shared prefix once, one row per prefix; then copied to its rows
+        p_ids, p_mask = _left_pad([group[rows_of[0]][1][:n] for n, rows_of in clusters], self.pad_id, self.device)
         cache = self.new_cache()
-        nxt = self._step(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), cache, seen, _penalties(rows, self.device))
-        return cache, mask, seen, nxt
+        self._fill(p_ids, p_mask, _positions(p_mask), cache)
+        cache.batch_select_indices(which)
+        # the rest of every prompt, after its prefix
+        r_ids, r_mask = _left_pad([group[i][1][clusters[c][0]:] for c, i in members], self.pad_id, self.device)
+        mask = torch.cat([p_mask[which], r_mask], 1)
+        seen = _penalty_ids(torch.cat([p_ids[which], r_ids], 1), mask)
+        nxt = self._step(r_ids, mask, _positions(mask)[:, p_mask.shape[1]:], cache, seen, _penalties(rows, self.device))
+        return rows, cache, mask, seen, nxt
+
+    def _shared_prefixes(self, group: list[tuple[_Row, list[int]]]) -> list[tuple[int, list[int]]] | None:
+        """(prefix length, group indices) per prefix to share; None when none is worth sharing.
+
+        Prompts sorted by their tokens sit next to those they share the most with; a run of
+        them that shares at least MIN_SHARED first tokens becomes one prefix. A prompt that
+        shares with none gets its first token as its "prefix". Sharing puts padding between
+        prefix and rest, which a sliding-window layer would count as positions: it is used
+        only when every row (prompt and answer) fits in the window, and with plain caches."""
+        prompts = [t for _, t in group]
+        if self.window is False or len(prompts) < 2 or min(map(len, prompts)) < 2:
+            return None
+        clusters: list[list] = []  # [shared length, indices]
+        for i in sorted(range(len(prompts)), key=prompts.__getitem__):
+            p = prompts[i]
+            if clusters:
+                first, limit = prompts[clusters[-1][1][0]], min(clusters[-1][0], len(p) - 1)
+                n = next((k for k in range(limit) if first[k] != p[k]), limit)
+                if n >= MIN_SHARED:
+                    clusters[-1][0] = n
+                    clusters[-1][1].append(i)
+                    continue
+            clusters.append([len(p) - 1, [i]])
+        clusters = [(n if len(rows_of) > 1 else 1, rows_of) for n, rows_of in clusters]
+        if all(len(rows_of) == 1 for _, rows_of in clusters):
+            return None
+        if self.window is not None:
+            rest = max(len(prompts[i]) - n for n, rows_of in clusters for i in rows_of)
+            width = max(n for n, _ in clusters) + rest  # [pads, prefix | pads, rest]
+            if width + max(r.max_new_tokens for r, _ in group) >= self.window - 1:
+                return None
+        return clusters
+
+    def _fill(self, ids, mask, pos, cache) -> None:
+        """A forward that only fills the cache (a shared prefix)."""
+        kw = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, self.cache_kw: cache, "use_cache": True}
+        if self.own_head:
+            self.body(**kw)
+        else:
+            self.model(**kw, logits_to_keep=1)
 
     def _can_join(self, cache) -> bool:
         """New rows can join a running batch only while every cache layer still holds the
@@ -260,6 +325,39 @@ class ContinuousDecoder:
 
     def _finish(self, row: _Row, reason: str) -> Generation:
         return Generation(self.tokenizer.decode(row.new, skip_special_tokens=True), reason)
+
+
+def _sliding_window(cache) -> int | None | bool:
+    """The smallest sliding window of the cache's layers; None without one; False when a layer
+    is of a kind the decoder does not pad (shared prefixes are then off)."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    windows = []
+    for layer in cache.layers:
+        if type(layer) is DynamicSlidingWindowLayer:
+            windows.append(layer.sliding_window)
+        elif type(layer) is not DynamicLayer:
+            return False
+    return min(windows, default=None)
+
+
+def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> ids and attention mask, left-padded to the longest."""
+    width = max(map(len, seqs))
+    ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in seqs], device=device)
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
+    return ids, mask
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that count real tokens only (padding anywhere in the row)."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _penalty_ids(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The ids the repetition penalty looks at: real tokens only, so a pad repeats the row's
+    first real token instead."""
+    return torch.where(mask.bool(), ids, ids.gather(1, mask.argmax(1, keepdim=True)))
 
 
 def _penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> None:
@@ -302,6 +400,6 @@ def _join(cache, mask, seen, g_cache, g_mask, g_seen, pad_id):
         a.values = torch.cat([pad(a.values, 2), pad(b.values, 2)])
         if isinstance(a, DynamicSlidingWindowLayer):
             a.cumulative_length = length
-    # padded penalty ids repeat each row's first id (see _prefill)
+    # padded penalty ids repeat each row's first id (see _penalty_ids)
     pad_seen = lambda s: torch.cat([s[:, :1].expand(-1, length - s.shape[1]), s], 1)  # noqa: E731
     return (cache, torch.cat([pad(mask, 1), pad(g_mask, 1)]), torch.cat([pad_seen(seen), pad_seen(g_seen)]))
