@@ -38,6 +38,8 @@ class Generation:
 
 
 MIN_SHARED = 16  # tokens two prompts must share before their prefix runs once for both
+LOOKUP_NGRAM = 3  # a lone row's last 3 tokens are looked up earlier in its prompt and answer ...
+LOOKUP_TOKENS = 10  # ... and up to 10 tokens that followed them are checked in one step
 
 
 class Request(NamedTuple):
@@ -69,6 +71,7 @@ class _Row:
     stops: list[str]
     max_new_tokens: int
     penalty: float
+    prompt_ids: list[int]
     new: list[int] = field(default_factory=list)  # generated token ids
 
 
@@ -91,6 +94,7 @@ class ContinuousDecoder:
         self.window = _sliding_window(self.new_cache())
         self.own_head = self.body is not None and self.head_weight is not None and self._own_head_matches()
         self.half_head = self._half_head() if self.own_head else None
+        self.lookup = True  # prompt lookup for a lone row (see _draft)
 
     # -- one forward pass: the next token of every row -------------------------------------------
 
@@ -190,8 +194,8 @@ class ContinuousDecoder:
             return
         ids = self.tokenizer([r.prompt for r in reqs], add_special_tokens=False).input_ids
         order = sorted(range(len(reqs)), key=lambda i: len(ids[i]))
-        pending = deque((_Row(reqs[i].key, list(reqs[i].stops), reqs[i].max_new_tokens, reqs[i].repetition_penalty),
-                         ids[i]) for i in order)
+        pending = deque((_Row(reqs[i].key, list(reqs[i].stops), reqs[i].max_new_tokens, reqs[i].repetition_penalty,
+                              ids[i]), ids[i]) for i in order)
         window = 2 + max((len(self.tokenizer(s, add_special_tokens=False).input_ids)
                           for r in reqs for s in r.stops), default=0)  # a stop string can straddle tokens
         refill_at = max(1, max_rows // 8)  # admit new rows in groups: each admission copies the cache
@@ -213,15 +217,9 @@ class ContinuousDecoder:
 
             keep = []
             for j, (row, t) in enumerate(zip(rows, nxt.tolist())):
-                if t in self.eos_ids:
-                    on_result(row.key, self._finish(row, "stop"))
-                    continue
-                row.new.append(t)
-                if row.stops and any(s in self.tokenizer.decode(row.new[-window:], skip_special_tokens=True)
-                                     for s in row.stops):
-                    on_result(row.key, self._finish(row, "stop"))
-                elif len(row.new) >= row.max_new_tokens:
-                    on_result(row.key, self._finish(row, "length"))
+                reason = self._take(row, t, window)
+                if reason:
+                    on_result(row.key, self._finish(row, reason))
                 else:
                     keep.append(j)
             if len(keep) < len(rows):
@@ -235,7 +233,95 @@ class ContinuousDecoder:
                 penalty = _penalties(rows, self.device)
             mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
             seen = torch.cat([seen, nxt[:, None]], 1)  # kept for every row: a later row may need the penalty
-            nxt = self._step(nxt[:, None], mask, mask.sum(-1, keepdim=True) - 1, cache, seen, penalty)
+            draft = self._draft(rows, cache)
+            if not draft:
+                nxt = self._step(nxt[:, None], mask, mask.sum(-1, keepdim=True) - 1, cache, seen, penalty)
+                continue
+            # A lone row: check a guess of its next tokens in the same forward (see _draft).
+            row, before = rows[0], cache.get_seq_length()
+            chosen = self._verify(int(nxt), draft, mask, seen, penalty, cache)
+            accepted = chosen[:-1]  # guessed tokens the model would have chosen
+            cache.crop(-(len(draft) - len(accepted)))  # forget the rejected guesses
+            assert cache.get_seq_length() == before + 1 + len(accepted)
+            mask = torch.cat([mask, mask.new_ones(1, len(accepted))], 1)
+            seen = torch.cat([seen, seen.new_tensor([accepted])], 1)
+            nxt = nxt.new_tensor(chosen[-1:])  # taken at the top of the loop, as after a step
+            for t in accepted:
+                reason = self._take(row, t, window)
+                if reason:
+                    on_result(row.key, self._finish(row, reason))
+                    rows, cache, mask, seen, nxt = [], None, None, None, None
+                    break
+
+    def _take(self, row: _Row, t: int, window: int) -> str | None:
+        """Add token `t` to the row; the finish reason if the row ends there (EOS is not kept)."""
+        if t in self.eos_ids:
+            return "stop"
+        row.new.append(t)
+        if row.stops and any(s in self.tokenizer.decode(row.new[-window:], skip_special_tokens=True)
+                             for s in row.stops):
+            return "stop"
+        if len(row.new) >= row.max_new_tokens:
+            return "length"
+        return None
+
+    # -- a lone row: prompt lookup decoding ----------------------------------------------------
+
+    def _draft(self, rows: list[_Row], cache) -> list[int]:
+        """A guess of a lone row's next tokens: what followed the last earlier occurrence of its
+        last LOOKUP_NGRAM tokens, in its prompt or its answer (prompt lookup decoding, as in
+        transformers' `prompt_lookup_num_tokens`). When the batch is down to one row (the tail
+        of a run), a step reads all the weights for one token; checking LOOKUP_TOKENS guesses
+        in that step costs little more, and each guess the model agrees with saves a step.
+        The result is still exactly the greedy answer: only agreed guesses are kept."""
+        if len(rows) != 1 or not self.lookup:
+            return []
+        row = rows[0]
+        room = row.max_new_tokens - len(row.new) - 1  # the step adds its own token after the guesses
+        if room < 1 or not self._room(cache, LOOKUP_TOKENS + 1):
+            return []
+        context = row.prompt_ids + row.new
+        tail = context[-LOOKUP_NGRAM:]
+        for i in range(len(context) - LOOKUP_NGRAM - 1, -1, -1):
+            if context[i:i + LOOKUP_NGRAM] == tail:
+                # What followed the match, read on into the guess itself: a loop with a period
+                # shorter than the guess goes on repeating.
+                guess = list(context)
+                for m in range(min(LOOKUP_TOKENS, room)):
+                    guess.append(guess[i + LOOKUP_NGRAM + m])
+                return guess[len(context):]
+        return []
+
+    def _verify(self, nxt: int, draft: list[int], mask, seen, penalty, cache) -> list[int]:
+        """One forward over the lone row's next token and the guesses after it: the guesses the
+        model's greedy choice agrees with, in order, then its own choice after them."""
+        ids = torch.tensor([[nxt, *draft]], device=self.device)
+        n = ids.shape[1]
+        start = int(mask.sum()) - 1  # position of `nxt`
+        full = torch.cat([mask, mask.new_ones(1, n - 1)], 1)
+        pos = torch.arange(start, start + n, device=self.device)[None]
+        kw = {"input_ids": ids, "attention_mask": full, "position_ids": pos, self.cache_kw: cache, "use_cache": True}
+        if self.own_head:
+            logits = self._head(self.body(**kw).last_hidden_state[0])
+        else:
+            logits = self.model(**kw, logits_to_keep=n).logits[0].float()
+        chosen = []
+        for j in range(n):
+            row_logits = logits[j:j + 1]
+            if penalty is not None:  # position j has also seen the guesses before it
+                _penalize(row_logits, torch.cat([seen, seen.new_tensor([draft[:j]])], 1), penalty)
+            t = int(row_logits.argmax(-1))
+            chosen.append(t)
+            if j == len(draft) or t != draft[j]:
+                return chosen
+        return chosen
+
+    def _room(self, cache, n: int) -> bool:
+        """Can `n` more positions go into the cache and be taken back out (crop)? Only while
+        every layer is plain and each sliding-window layer still holds the whole sequence."""
+        if self.window is False:
+            return False
+        return self.window is None or cache.get_seq_length() + n < self.window - 1
 
     def _prefill(self, group: list[tuple[_Row, list[int]]]):
         """The forward over new prompts: their rows (in the order of the cache), cache, mask,
