@@ -5,13 +5,19 @@ transformers' `generate` keeps every row of a batch until its longest row ends: 
 them paid for the 262k-token output layer. Here a row leaves the batch (and the KV cache) the
 step it stops, and waiting prompts take the free places, the way vLLM and llama.cpp's server
 schedule their slots. The results are the same as `generate`'s: greedy, the same repetition
-penalty, EOS and per-row stop strings, left padding with position ids from the mask.
+penalty, EOS and per-row stop strings, left padding with position ids from the mask. Each
+row may have its own token limit and penalty (`Request`).
 
-Two more things make a decoding step cheaper:
+What makes the work smaller, each exact (tests/test_decode.py checks every one against
+`generate` on each prompt alone):
+- prefill: prompts that begin alike (few-shot examples, a translation header) run their
+  shared prefix once, as with vLLM's prefix caching (`_prefill`);
 - the output layer runs on the last position of the live rows only, on a CPU as a blockwise
-  `W @ h.T` (lidr/head.py: 1.3-4x faster there than `h @ W.T` for 4-256 rows of a 262k vocabulary);
-- prompts are tokenized once, and sorted by length so rows that start together have little
-  padding.
+  `W @ h.T` (lidr/head.py: 1.3-4x faster there than `h @ W.T` for 4-256 rows of a 262k
+  vocabulary); for a single row, an fp16 copy screens the vocabulary and only the tokens
+  that can still win get exact fp32 logits (`_screened_choice`);
+- the tail of a run, where one long answer decodes alone: guesses of its next tokens from its
+  own prompt and answer are checked in one forward (prompt lookup decoding, `_draft`).
 
 New rows join a running batch by left-padding the shorter of the two KV caches to the other's
 length. That is done only for plain `DynamicLayer` / `DynamicSlidingWindowLayer` caches still
