@@ -120,9 +120,18 @@ class HalfHead:
                + self.d * 2 ** -24 * float(h.abs().max()))
         return out, eps
 
+    _faster: dict[tuple, bool] = {}  # measured once per process and shape
+
     @staticmethod
     def faster(weight: torch.Tensor, half: torch.Tensor, repeats: int = 3) -> bool:
         """Is the fp16 product for one row clearly (20 %) faster than fp32 on this machine?"""
+        key = (tuple(weight.shape), torch.get_num_threads())
+        if key not in HalfHead._faster:
+            HalfHead._faster[key] = HalfHead._measure(weight, half, repeats)
+        return HalfHead._faster[key]
+
+    @staticmethod
+    def _measure(weight: torch.Tensor, half: torch.Tensor, repeats: int) -> bool:
         import time
 
         h = torch.randn(1, weight.shape[1])

@@ -217,11 +217,19 @@ def test_fp16_screen_bound_holds_and_keeps_the_argmax():
             assert int(exact.argmax()) in kept.tolist() and len(kept) < 100
 
 
-def test_prompts_that_begin_alike_share_their_prefix_forward(backend, monkeypatch):
+@pytest.mark.parametrize("chunk", [16, 2])
+def test_prompts_that_begin_alike_share_their_prefix_forward(backend, chunk, monkeypatch):
     """Few-shot prompts of one language (one translation direction) begin with the same
     tokens: that prefix runs once for all of them, and every row still gets what `generate`
-    gives its prompt alone. With a sliding window shorter than prompt + answer (gemma3) the
-    padding between prefix and rest would shift the window, so sharing is off there."""
+    gives its prompt alone, also when the rests run in several chunks (`chunk` rows each).
+    With a sliding window shorter than prompt + answer (gemma3) the padding between prefix
+    and rest would shift the window, so sharing is off there."""
+    import lidr.backends.decode as decode
+
+    monkeypatch.setattr(decode, "PREFILL_ROWS", chunk)
+    steps = []
+    step = backend.decoder._step
+    monkeypatch.setattr(backend.decoder, "_step", lambda ids, *a: steps.append(ids.shape) or step(ids, *a))
     shot_a = "<s> the cat sat on the mat and then it ran under the big tree one two three four five six seven"
     shot_b = "<s> seven eight nine ten the dog was very happy and sad then a red cat sat on one small mat"
     prompts = [f"{shot_a} {t}" for t in ("the dog", "a big red", "nine ten one two", "it was")]
@@ -237,6 +245,9 @@ def test_prompts_that_begin_alike_share_their_prefix_forward(backend, monkeypatc
         assert fills == []
     else:  # one forward over the three prefixes (two shared, the lone prompt's first token)
         assert len(fills) == 1 and fills[0][0] == 3
+    prefill_rows = [rows for rows, width in steps if width > 1]
+    chunked = chunk == 2 and backend.kind != "gemma3"  # (past a sliding window, caches cannot be joined)
+    assert prefill_rows == ([2, 2, 2, 1] if chunked else [len(prompts)])
 
 
 @pytest.mark.parametrize("penalty", [1.0, 1.3])

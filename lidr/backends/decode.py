@@ -26,6 +26,7 @@ inside the sliding window; with any other cache the batch drains before the next
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections import deque
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ class Generation:
 
 
 MIN_SHARED = 16  # tokens two prompts must share before their prefix runs once for both
+PREFILL_ROWS = 16  # prompts (or their unshared rests) of similar length run through the model together
 LOOKUP_NGRAM = 3  # a lone row's last 3 tokens are looked up earlier in its prompt and answer ...
 LOOKUP_TOKENS = 10  # ... and up to 10 tokens that followed them are checked in one step
 
@@ -337,28 +339,48 @@ class ContinuousDecoder:
         header) share that prefix's forward, as with vLLM's prefix caching: each prefix runs
         once, its cache is copied to the rows that start with it, and only the rest of each
         prompt runs per row. The rows' tokens then sit as [pads, prefix | pads, rest]: the
-        mask hides the pads and positions count real tokens only."""
+        mask hides the pads and positions count real tokens only. The rests run in chunks of
+        PREFILL_ROWS rows of similar length, so a short rest is not padded to the longest one
+        in the group (the chunks' caches are then joined into one batch)."""
         clusters = self._shared_prefixes(group)
-        if clusters is None:  # one left-padded forward over the whole prompts
-            rows = [r for r, _ in group]
-            ids, mask = _left_pad([t for _, t in group], self.pad_id, self.device)
-            seen, cache = _penalty_ids(ids, mask), self.new_cache()
-            nxt = self._step(ids, mask, _positions(mask), cache, seen, _penalties(rows, self.device))
-            return rows, cache, mask, seen, nxt
+        prefix_of = [0] * len(group)  # each row's shared prefix (an index into clusters)
+        shared = [0]  # tokens of each prefix that run once
+        p_ids = p_mask = p_cache = None
+        if clusters is not None:
+            for c, (_, rows_of) in enumerate(clusters):
+                for i in rows_of:
+                    prefix_of[i] = c
+            shared = [n for n, _ in clusters]
+            p_ids, p_mask = _left_pad([group[rows_of[0]][1][:n] for n, rows_of in clusters], self.pad_id, self.device)
+            p_cache = self.new_cache()
+            self._fill(p_ids, p_mask, _positions(p_mask), p_cache)
+        rest = [t[shared[prefix_of[i]]:] for i, (_, t) in enumerate(group)]
 
-        members = [(c, i) for c, (_, rows_of) in enumerate(clusters) for i in rows_of]
-        which = torch.tensor([c for c, _ in members], device=self.device)  # each row's prefix
-        rows = [group[i][0] for _, i in members]
-        # each shared prefix once, one row per prefix; then copied to its rows
-        p_ids, p_mask = _left_pad([group[rows_of[0]][1][:n] for n, rows_of in clusters], self.pad_id, self.device)
-        cache = self.new_cache()
-        self._fill(p_ids, p_mask, _positions(p_mask), cache)
-        cache.batch_select_indices(which)
-        # the rest of every prompt, after its prefix
-        r_ids, r_mask = _left_pad([group[i][1][clusters[c][0]:] for c, i in members], self.pad_id, self.device)
-        mask = torch.cat([p_mask[which], r_mask], 1)
-        seen = _penalty_ids(torch.cat([p_ids[which], r_ids], 1), mask)
-        nxt = self._step(r_ids, mask, _positions(mask)[:, p_mask.shape[1]:], cache, seen, _penalties(rows, self.device))
+        # Chunks are joined by padding their caches: only while no sliding window has dropped positions.
+        fits = self.window is None or (self.window and max(len(t) for _, t in group) < self.window - 1)
+        size = PREFILL_ROWS if fits else len(group)
+        parts = []
+        order = sorted(range(len(group)), key=lambda i: len(rest[i]))
+        for start in range(0, len(order), size):
+            chunk = order[start:start + size]
+            rows = [group[i][0] for i in chunk]
+            r_ids, r_mask = _left_pad([rest[i] for i in chunk], self.pad_id, self.device)
+            if p_cache is None:
+                cache, mask, ids = self.new_cache(), r_mask, r_ids
+            else:
+                which = torch.tensor([prefix_of[i] for i in chunk], device=self.device)
+                cache = copy.deepcopy(p_cache)
+                cache.batch_select_indices(which)
+                mask, ids = torch.cat([p_mask[which], r_mask], 1), torch.cat([p_ids[which], r_ids], 1)
+            seen = _penalty_ids(ids, mask)
+            pos = _positions(mask)[:, mask.shape[1] - r_mask.shape[1]:]
+            nxt = self._step(r_ids, mask, pos, cache, seen, _penalties(rows, self.device))
+            parts.append((rows, cache, mask, seen, nxt))
+
+        rows, cache, mask, seen, nxt = parts[0]
+        for more_rows, more_cache, more_mask, more_seen, more_nxt in parts[1:]:
+            cache, mask, seen = _join(cache, mask, seen, more_cache, more_mask, more_seen, self.pad_id)
+            rows, nxt = rows + more_rows, torch.cat([nxt, more_nxt])
         return rows, cache, mask, seen, nxt
 
     def _shared_prefixes(self, group: list[tuple[_Row, list[int]]]) -> list[tuple[int, list[int]]] | None:

@@ -96,20 +96,12 @@ def answer_set(fmt, data: dict[str, list[dict]], out_dir: Path, *, max_new_token
                repetition_penalty: float = 1.0):
     """The answers still needed (ids already in <out>/answers/<lang>.jsonl are kept),
     checked for language and appended as they arrive."""
-    from lidr.backends import Request
-    from lidr.eval.answers import AnswerSet
+    from lidr.eval import answers
 
-    writers = {lang: JsonlAppender(out_dir / "answers" / f"{lang}.jsonl") for lang in data}
-    requests = [Request((lang, it["id"]), fmt.response_prompt(it["instruction"], lang), fmt.response_stops(lang),
-                        max_new_tokens, repetition_penalty)
-                for lang, its in data.items() for it in its if it["id"] not in writers[lang].done]
-    by_key = {(lang, it["id"]): it for lang, its in data.items() for it in its}
-
-    def record(key, out) -> None:
-        lang = key[0]
-        writers[lang].write(score_answer(by_key[key], lang, fmt.clean_response(out.text, lang), out.finish_reason))
-
-    return AnswerSet("x-alpacaeval answers", requests, record, lambda: [w.close() for w in writers.values()])
+    return answers.per_language("x-alpacaeval answers", fmt, data, lambda lang: out_dir / "answers" / f"{lang}.jsonl",
+                                prompt=lambda it, lang: fmt.response_prompt(it["instruction"], lang),
+                                score=score_answer, max_new_tokens=max_new_tokens,
+                                repetition_penalty=repetition_penalty)
 
 
 def generate_answers(backend, fmt, data: dict[str, list[dict]], out_dir: Path, *, max_new_tokens: int,

@@ -17,6 +17,7 @@ from typing import Callable
 
 from lidr.backends import Generation, Request, run_batched
 from lidr.console import tracker
+from lidr.records import JsonlAppender
 
 
 @dataclass
@@ -25,6 +26,30 @@ class AnswerSet:
     requests: list[Request]  # rows still to generate, each with its token limit and penalty
     record: Callable[[object, Generation], None]  # scores and writes one finished row
     close: Callable[[], None]  # closes the set's files
+
+
+def per_language(name: str, fmt, data: dict[str, list[dict]], file_of: Callable[[str], object], *,
+                 prompt: Callable[[dict, str], str], score: Callable[[dict, str, str, str | None], dict],
+                 max_new_tokens: int, repetition_penalty: float) -> AnswerSet:
+    """A benchmark's usual set: items per language ({id, ...}), one JSONL file per language
+    (`file_of(lang)`; ids already there are kept); each answer is cut at the format's stop
+    strings (`fmt.clean_response`), scored (`score(item, lang, answer, finish_reason)`) and
+    appended the moment it arrives."""
+    writers = {lang: JsonlAppender(file_of(lang)) for lang in data}
+    requests = [Request((lang, it["id"]), prompt(it, lang), fmt.response_stops(lang), max_new_tokens,
+                        repetition_penalty)
+                for lang, items in data.items() for it in items if it["id"] not in writers[lang].done]
+    by_key = {(lang, it["id"]): it for lang, items in data.items() for it in items}
+
+    def record(key, out: Generation) -> None:
+        lang = key[0]
+        writers[lang].write(score(by_key[key], lang, fmt.clean_response(out.text, lang), out.finish_reason))
+
+    def close() -> None:
+        for w in writers.values():
+            w.close()
+
+    return AnswerSet(name, requests, record, close)
 
 
 def generate(backend, sets: list[AnswerSet], *, batch_size: int, progress=None) -> None:

@@ -109,20 +109,11 @@ def answer_set(fmt, data: dict[str, list[dict]], out_dir: Path, *, max_new_token
                repetition_penalty: float = 1.0):
     """The answers MGSM still needs (ids already in <out>/<lang>.jsonl are kept), scored and
     appended as they arrive."""
-    from lidr.backends import Request
-    from lidr.eval.answers import AnswerSet
+    from lidr.eval import answers
 
-    writers = {lang: JsonlAppender(out_dir / f"{lang}.jsonl") for lang in data}
-    requests = [Request((lang, it["id"]), mgsm_prompt(fmt, it["question"], lang), fmt.response_stops(lang),
-                        max_new_tokens, repetition_penalty)
-                for lang, its in data.items() for it in its if it["id"] not in writers[lang].done]
-    by_key = {(lang, it["id"]): it for lang, its in data.items() for it in its}
-
-    def record(key, out) -> None:
-        lang = key[0]
-        writers[lang].write(score(by_key[key], lang, fmt.clean_response(out.text, lang), out.finish_reason))
-
-    return AnswerSet("mgsm", requests, record, lambda: [w.close() for w in writers.values()])
+    return answers.per_language("mgsm", fmt, data, lambda lang: out_dir / f"{lang}.jsonl",
+                                prompt=lambda it, lang: mgsm_prompt(fmt, it["question"], lang), score=score,
+                                max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty)
 
 
 def evaluate_mgsm(backend, fmt, data: dict[str, list[dict]], out_dir: Path, *, max_new_tokens: int,

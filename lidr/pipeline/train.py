@@ -492,7 +492,9 @@ def train_dpo_nll(model_path: str | Path, examples: list[dict], out_dir: str | P
         raise ValueError("train_dpo_nll: no preference pairs to train on (every pair was filtered out?)")
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, set_seed
-    from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+    from transformers import AutoModelForCausalLM, get_scheduler
+
+    from lidr.models import load_tokenizer
 
     t0 = time.time()
     seed = cfg.seed if cfg.seed is not None else seed
@@ -509,7 +511,7 @@ def train_dpo_nll(model_path: str | Path, examples: list[dict], out_dir: str | P
         if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
             ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = load_tokenizer(model_path)  # shared with generation in this process (lidr/models.py)
     pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
     pairs, trunc = tokenize_pairs(tokenizer, examples, cfg.max_length)
     lengths = [len(p) for p in pairs]
