@@ -6,7 +6,8 @@ process, with evaluation off (`--set eval.enabled=false`: the loop's four stages
 
 - forward: every outermost call of a transformers model (the training body) or of lidr's
   `ResponseLogProbs` (training: body + output layer) or of the decoder's per-step forward
-  (`ContinuousDecoder._step`: body + output layer + the greedy choice);
+  (`ContinuousDecoder._step`: body + output layer + the greedy choice; `_verify`: the same
+  for a lone row's step that checks guessed tokens);
 - backward: every `torch.autograd.backward` (`loss.backward()`), checkpoint
   recomputation included.
 
@@ -105,6 +106,16 @@ class ModelTimer:
                 leave()
 
         ContinuousDecoder._step = timed_logits
+        verify = ContinuousDecoder._verify  # a lone row's step with guessed tokens (its output layer too)
+
+        def timed_verify(decoder, *args):
+            enter()
+            try:
+                return verify(decoder, *args)
+            finally:
+                leave()
+
+        ContinuousDecoder._verify = timed_verify
         torch.nn.modules.module.register_module_forward_pre_hook(pre)
         torch.nn.modules.module.register_module_forward_hook(post, always_call=True)
         original = torch.autograd.backward

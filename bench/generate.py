@@ -79,16 +79,21 @@ def run_lidr(backend, items, batch_size, max_new, rep):
     warm = items[:2]  # warm-up, padded batch
     backend.generate([p for _, p, _ in warm], max_new_tokens=2, stops=[s for *_, s in warm], repetition_penalty=rep)
     # Count the decoder's forward calls and the rows in each (one-token calls are decoding steps).
+    # and the lone-row steps that check guessed tokens (prompt lookup: guessed, kept)
     calls, forward = [], backend.decoder._step
     backend.decoder._step = lambda ids, *a: calls.append(tuple(ids.shape)) or forward(ids, *a)
+    checks, verify = [], backend.decoder._verify
+    backend.decoder._verify = lambda nxt, draft, *a: checks.append((len(draft), verify(nxt, draft, *a))) or checks[-1][1]
     start = time.perf_counter()
     run_batched(backend, items, batch_size=batch_size, on_result=out.__setitem__,
                 max_new_tokens=max_new, repetition_penalty=rep)
     seconds = time.perf_counter() - start
-    backend.decoder._step = forward
+    backend.decoder._step, backend.decoder._verify = forward, verify
     steps = [rows for rows, width in calls if width == 1]
     print(f"lidr: {len(calls) - len(steps)} prefill calls, {len(steps)} decoding steps, "
-          f"{sum(steps) / max(1, len(steps)):.1f} rows per step on average (every row-step makes a token of a live row)")
+          f"{sum(steps) / max(1, len(steps)):.1f} rows per step on average (every row-step makes a token of a live row); "
+          f"{len(checks)} lone-row steps checking guesses: {sum(g for g, _ in checks)} guessed tokens, "
+          f"{sum(len(c) - 1 for _, c in checks)} kept")
     return {k: g.text for k, g in out.items()}, seconds
 
 
