@@ -96,26 +96,18 @@ class ModelTimer:
         # generation calls the model's body, then the output layer itself (lidr/head.py)
         from lidr.backends.decode import ContinuousDecoder
 
-        logits = ContinuousDecoder._step
+        def timed(method):
+            def run(decoder, *args):
+                enter()
+                try:
+                    return method(decoder, *args)
+                finally:
+                    leave()
+            return run
 
-        def timed_logits(decoder, *args):
-            enter()
-            try:
-                return logits(decoder, *args)
-            finally:
-                leave()
-
-        ContinuousDecoder._step = timed_logits
-        verify = ContinuousDecoder._verify  # a lone row's step with guessed tokens (its output layer too)
-
-        def timed_verify(decoder, *args):
-            enter()
-            try:
-                return verify(decoder, *args)
-            finally:
-                leave()
-
-        ContinuousDecoder._verify = timed_verify
+        # a step, and a lone row's step with guessed tokens: each runs its output layer too
+        ContinuousDecoder._step = timed(ContinuousDecoder._step)
+        ContinuousDecoder._verify = timed(ContinuousDecoder._verify)
         torch.nn.modules.module.register_module_forward_pre_hook(pre)
         torch.nn.modules.module.register_module_forward_hook(post, always_call=True)
         original = torch.autograd.backward
