@@ -426,16 +426,7 @@ class ContinuousDecoder:
     def _can_join(self, cache) -> bool:
         """New rows can join a running batch only while every cache layer still holds the
         whole sequence (a sliding-window layer that has dropped old positions cannot be padded)."""
-        if cache is None:
-            return True
-        from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
-
-        for layer in cache.layers:
-            if type(layer) is DynamicLayer:
-                continue
-            if type(layer) is not DynamicSlidingWindowLayer or layer.cumulative_length >= layer.sliding_window - 1:
-                return False
-        return True
+        return cache is None or self._room(cache, 0)
 
     def _finish(self, row: _Row, reason: str) -> Generation:
         return Generation(self.tokenizer.decode(row.new, skip_special_tokens=True), reason)
