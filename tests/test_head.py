@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lidr.head import TokenLogProbs, logits_t
+from lidr.head import BLOCK, TokenLogProbs, logits_t, token_logps
 
 
 @pytest.mark.parametrize("rows", [3, 40])  # one product / blockwise products
@@ -16,12 +16,13 @@ def test_logits_t_is_the_transposed_linear(rows):
 
 @pytest.mark.parametrize("softcap", [None, 5.0])
 @pytest.mark.parametrize("k", [1, 2])
-def test_token_logprobs_values_and_gradients_match_autograd(softcap, k):
+@pytest.mark.parametrize("rows", [5, 37])  # the two ways of the backward's product
+def test_token_logprobs_values_and_gradients_match_autograd(softcap, k, rows):
     torch.manual_seed(0)
     w = torch.randn(2500, 16, dtype=torch.float64, requires_grad=True)
-    h = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
-    targets = torch.randint(0, 2500, (37, k))
-    weights = torch.randn(37, k, dtype=torch.float64)  # an arbitrary upstream gradient
+    h = torch.randn(rows, 16, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 2500, (rows, k))
+    weights = torch.randn(rows, k, dtype=torch.float64)  # an arbitrary upstream gradient
 
     logits = F.linear(h, w)
     if softcap:
@@ -35,3 +36,22 @@ def test_token_logprobs_values_and_gradients_match_autograd(softcap, k):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fh, gh, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(fw, gw, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+@pytest.mark.parametrize("k", [1, 2])
+def test_scoring_head_matches_the_training_head(softcap, k):
+    """The no-grad scoring head (one block buffer) gives the training head's log-probs, for
+    targets in every block, the last partial block and the same target in several rows."""
+    torch.manual_seed(0)
+    vocab = 2 * BLOCK + 300
+    w, h = torch.randn(vocab, 16), torch.randn(45, 16)
+    targets = torch.randint(0, vocab, (45, k))
+    targets[0, 0], targets[1, 0], targets[2, 0], targets[3, 0] = 0, vocab - 1, BLOCK, vocab - 1
+    logits = F.linear(h, w)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    want = logits.gather(1, targets) - logits.logsumexp(1, keepdim=True)
+    got = token_logps(h, w, targets, softcap)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, TokenLogProbs.apply(h, w, targets, softcap), rtol=0, atol=1e-6)

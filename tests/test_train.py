@@ -220,21 +220,24 @@ def test_response_logps_equal_full_logits(tiny, monkeypatch):
 
 
 def _tiny_lm(kind: str):
-    """A random tiny causal LM from a config, fp32: Gemma 3 with a sliding window (4) far shorter
-    than the sequences (one sliding and one full-attention layer, logit soft-capping), or Llama."""
+    """A random tiny causal LM from a config, fp32: Gemma 3 (one sliding and one full-attention
+    layer, logit soft-capping) with a sliding window of 4, far shorter than the sequences
+    ("gemma3"), or of 64, longer than them ("gemma3-w64"); or Llama, with sdpa or eager attention."""
     from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
 
     torch.manual_seed(0)
-    if kind == "gemma3":
+    if kind.startswith("gemma3"):
         config = Gemma3TextConfig(
             vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=1, head_dim=16, max_position_embeddings=256, sliding_window=4,
+            num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
+            sliding_window=64 if kind == "gemma3-w64" else 4,
             layer_types=["sliding_attention", "full_attention"], final_logit_softcapping=30.0, pad_token_id=0)
     else:
         config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                              pad_token_id=0)
-    return AutoModelForCausalLM.from_config(config).float()
+    attn = "eager" if kind.endswith("eager") else "sdpa"
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn).float()
 
 
 class _CountCalls:
@@ -245,11 +248,13 @@ class _CountCalls:
         module.register_forward_pre_hook(lambda *_: setattr(self, "n", self.n + 1))
 
 
-@pytest.mark.parametrize("kind", ["gemma3", "llama"])
-def test_shared_prompt_matches_full_sequences(tiny, kind):
-    """The shared-prompt path (prompt once, its KV cache replicated for chosen and rejected) gives
+@pytest.mark.parametrize("kind", ["gemma3", "gemma3-w64", "llama", "llama-eager"])
+def test_shared_prompt_matches_full_sequences(tiny, kind, monkeypatch):
+    """The shared-prompt path (prompt once, its KV cache read by chosen and rejected), with the
+    responses packed in one row under a block mask or as padded rows on a replicated cache, gives
     the full-sequence path's log-probs, token counts, and LoRA gradients of a DPO+NLL step, on a
-    batch of pairs with different prompt and response lengths (padding on both sides)."""
+    batch of pairs with different prompt and response lengths (padding on both sides). Packing
+    is used where one mask serves every layer: not with a sliding window shorter than a pair."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
@@ -266,10 +271,14 @@ def test_shared_prompt_matches_full_sequences(tiny, kind):
                 p.normal_(0, 0.1)
     lora = [p for p in lm.parameters() if p.requires_grad]
     calls = _CountCalls(lm.get_base_model().model)
+    packed_calls = []
+    packed = ResponseLogProbs._packed_responses
+    monkeypatch.setattr(ResponseLogProbs, "_packed_responses",
+                        lambda self, *a: packed_calls.append(1) or packed(self, *a))
 
-    def step(shared: bool):
+    def step(shared: bool, pack: bool = False):
         policy = ResponseLogProbs(lm)
-        policy.shared_prompt = shared
+        policy.shared_prompt, policy.pack_responses = shared, pack
         with torch.no_grad(), lm.disable_adapter():
             ref, _ = policy(**batch)
         logps, ntok = policy(**batch)
@@ -277,19 +286,22 @@ def test_shared_prompt_matches_full_sequences(tiny, kind):
         return ref, logps, ntok, torch.autograd.grad(loss, lora)
 
     n0 = calls.n
-    ref_s, logps_s, ntok_s, grads_s = step(True)
-    assert calls.n - n0 == 4  # prompts, then responses; reference and policy
-    n0 = calls.n
     ref_f, logps_f, ntok_f, grads_f = step(False)
     assert calls.n - n0 == 2
-    torch.testing.assert_close(ref_s, ref_f, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(logps_s, logps_f, rtol=1e-5, atol=1e-5)
-    assert (logps_s - ref_s).abs().max() > 1e-2  # the adapters matter
-    assert ntok_s.tolist() == ntok_f.tolist() == [len(pairs[i].chosen) for i in index] + [
-        len(pairs[i].rejected) for i in index]
-    for a, b in zip(grads_s, grads_f):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    assert all(g.abs().sum() > 0 for g in grads_s)  # the gradient reaches the prompt's layers too
+    assert ntok_f.tolist() == [len(pairs[i].chosen) for i in index] + [len(pairs[i].rejected) for i in index]
+    assert (logps_f - ref_f).abs().max() > 1e-2  # the adapters matter
+    for pack in (False, True):  # (the packed results last: checked against each pair alone below)
+        n0 = calls.n
+        ref_s, logps_s, ntok_s, grads_s = step(True, pack)
+        assert calls.n - n0 == 4  # prompts, then responses; reference and policy
+        assert len(packed_calls) == (2 if pack and kind != "gemma3" else 0)
+        packed_calls.clear()
+        torch.testing.assert_close(ref_s, ref_f, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logps_s, logps_f, rtol=1e-5, atol=1e-5)
+        assert ntok_s.tolist() == ntok_f.tolist()
+        for a, b in zip(grads_s, grads_f):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        assert all(g.abs().sum() > 0 for g in grads_s)  # the gradient reaches the prompt's layers too
 
     # each pair alone, unpadded, through the model's own full forward
     with torch.no_grad():

@@ -1,0 +1,67 @@
+"""lidr/packed_linear.py: frozen CPU linear layers through oneDNN with prepacked weights give the
+values and input gradients of `F.linear`, in a LoRA model's DPO step, and come undone."""
+
+import pytest
+import torch
+from torch import nn
+
+from lidr import packed_linear
+
+pytestmark = pytest.mark.skipif(not packed_linear.available(), reason="this torch has no oneDNN linear operators")
+
+
+def test_frozen_layers_are_packed_with_the_same_values_and_gradients():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96, bias=False), nn.GELU(), nn.Linear(96, 32), nn.Linear(32, 8))
+    for p in model[:3].parameters():
+        p.requires_grad_(False)  # the last layer trains: not packed
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    want = model(x)
+    want_grads = torch.autograd.grad(want.square().sum(), [x, model[3].weight])
+
+    assert packed_linear.pack(model, skip=(model[2],)) == 1  # model[2] skipped, model[3] trains
+    assert "forward" in vars(model[0]) and "forward" not in vars(model[2]) and "forward" not in vars(model[3])
+    got = model(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(got.square().sum(), [x, model[3].weight]), want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    with torch.inference_mode():  # other row counts than the packing hint, and no autograd
+        torch.testing.assert_close(model(x[0, :1]), want[0, :1], rtol=1e-5, atol=1e-5)
+
+    packed_linear.unpack(model)
+    assert not any("forward" in vars(m) for m in model)
+    assert packed_linear.pack(nn.Sequential(nn.Linear(4, 4))) == 0  # trainable: nothing to pack
+
+
+def test_lora_step_is_the_same_packed():
+    """A LoRA model's DPO+NLL log-probs and adapter gradients, with the base layers packed or not."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from lidr.pipeline.train import Pair, ResponseLogProbs, collate, dpo_nll_loss
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+    lm = get_peft_model(AutoModelForCausalLM.from_config(config).float(),
+                        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():  # B starts at 0: make the adapters do something
+        for name, p in lm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    lora = [p for p in lm.parameters() if p.requires_grad]
+    pairs = [Pair([1, 5, 6, 7], [8, 9, 2], [10, 2]), Pair([1, 11, 12], [13, 2], [14, 15, 16, 2])]
+    batch = collate(pairs, [0, 1], 0)
+
+    def step():
+        logps, ntok = ResponseLogProbs(lm)(**batch)
+        loss, _ = dpo_nll_loss(logps, logps.detach() - 0.1, ntok, 0.5, 1.0)
+        return logps, torch.autograd.grad(loss, lora)
+
+    want, want_grads = step()
+    n_base = sum(1 for m in lm.modules() if packed_linear.eligible(m))
+    assert packed_linear.pack(lm, skip=(lm.get_output_embeddings(),)) == n_base - 1 > 0
+    got, grads = step()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
