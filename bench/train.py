@@ -9,7 +9,8 @@ checkpointing (lidr's default; TRL's default is on, so it is switched off for TR
 norm clipped at 1, AdamW without weight decay.
 
 - lidr: `lidr.pipeline.train.train_dpo_nll`: reference log-probs in one no-grad pass,
-  each prompt run once for both responses, logits only at response positions, then merge +
+  each prompt run once for both responses, the responses packed without padding, the frozen
+  layers through oneDNN with prepacked weights, logits only at response positions, then merge +
   save (and a final scoring pass for metrics with --final-metrics: `training.final_metrics`,
   off by default).
 - TRL: `DPOTrainer(loss_type=["sigmoid", "sft"], loss_weights=[1, 1])` with a peft_config

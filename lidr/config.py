@@ -196,7 +196,8 @@ class TrainingConfig(_Section):
         True,
         description=(
             "LoRA on a CPU: run the frozen linear layers through oneDNN with weights reordered once "
-            "(lidr/packed_linear.py; 20-40 % faster layers here, one more copy of them in memory twice)."
+            "(lidr/packed_linear.py; ~20 % faster layers in the bench's training steps; costs two more "
+            "copies of those weights in memory)."
         ),
     )
     final_metrics: bool = Field(

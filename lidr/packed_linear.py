@@ -55,7 +55,8 @@ def eligible(layer: nn.Module) -> bool:
 def pack(model: nn.Module, rows_hint: int = 128, skip: tuple[nn.Module, ...] = ()) -> int:
     """Run every frozen fp32 CPU `nn.Linear` of model (but those in `skip`, e.g. an output layer
     computed elsewhere) through oneDNN with prepacked weights. Returns how many were packed.
-    The packed copies take as much memory again as those layers' weights, twice."""
+    Each keeps two packed copies (the forward's and the backward's layout): twice those layers'
+    weights in memory more."""
     if not available():
         return 0
     n = 0

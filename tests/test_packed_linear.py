@@ -21,7 +21,9 @@ def test_frozen_layers_are_packed_with_the_same_values_and_gradients():
 
     assert packed_linear.pack(model, skip=(model[2],)) == 1  # model[2] skipped, model[3] trains
     assert "forward" in vars(model[0]) and "forward" not in vars(model[2]) and "forward" not in vars(model[3])
-    got = model(x)
+    with torch.profiler.profile() as prof:
+        got = model(x)
+    assert any(e.name == "mkldnn::_linear_pointwise" for e in prof.events())  # oneDNN ran, not F.linear
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for a, b in zip(torch.autograd.grad(got.square().sum(), [x, model[3].weight]), want_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
@@ -61,7 +63,9 @@ def test_lora_step_is_the_same_packed():
     want, want_grads = step()
     n_base = sum(1 for m in lm.modules() if packed_linear.eligible(m))
     assert packed_linear.pack(lm, skip=(lm.get_output_embeddings(),)) == n_base - 1 > 0
-    got, grads = step()
+    with torch.profiler.profile() as prof:
+        got, grads = step()
+    assert any(e.name == "mkldnn::_linear_pointwise" for e in prof.events())
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for a, b in zip(grads, want_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

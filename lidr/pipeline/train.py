@@ -295,7 +295,7 @@ class ResponseLogProbs(nn.Module):
         if packed:
             from transformers import DynamicCache
 
-            cache = DynamicCache()  # full layers only: the packed mask below does any windowing itself
+            cache = DynamicCache()  # full layers: every pair fits any window (_can_pack), one mask serves all
         return self._shared(causal, body, cache, prompt_ids, prompt_attention_mask, response_ids,
                             response_attention_mask, packed)
 
