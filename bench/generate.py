@@ -7,7 +7,9 @@ strings (`fmt.response_stops(lang)`), repetition penalty 1.1 (the demo's), up to
 --max-new-tokens new tokens.
 
 - lidr: `HFBackend` (fp32 here: the CPU has no fast bf16) + `run_batched`: continuous
-  batching with at most --batch-size rows (default: the config default, generation.batch_size).
+  batching with at most --batch-size rows (default: the config default, generation.batch_size),
+  linear layers through oneDNN with prepacked weights (generation.cpu_packed_weights; the
+  layers are unpacked again before hf-batch1 runs on the same model object).
 - hf-batch1: the same fp32 model, `model.generate` one prompt at a time, with the same
   stop strings (checked by a plain StoppingCriteria on the last tokens; transformers'
   own `stop_strings` would add ~40 s of vocabulary preprocessing per stop set).
@@ -26,9 +28,13 @@ separately and left out of the rates; each engine gets a short warm-up call firs
 
 The machine's limit: FLOPs per token = 2 x parameters (the tied 262k x 640 embedding
 counted once, as the output layer it also is), against the torch fp32 / bf16 matmul rate
-measured here. "% of fp32 matmul" counts all tokens an engine processes (prompt and
-generated) x 2 x parameters per second, over the measured fp32 rate (llama.cpp computes
-on 4-bit weights, so for it this is a reference point, not a bound).
+measured here. "% of fp32 matmul" counts the arithmetic the work needs, over the measured
+fp32 rate: every token an engine processes (prompt and generated) runs the body (2 x the
+parameters outside the embedding and output layer), and only generated tokens need the
+output layer (2 x its parameters; a prompt's other positions need no logits). Sharing a
+prompt prefix (lidr) does less than this, so a share can pass 100 %. llama.cpp computes on
+4-bit weights, so for it this is a reference point, not a bound. (Before round 4 the
+output layer was counted for prompt tokens too, which put every share about 2x too high.)
 
     .venv/bin/python bench/generate.py            # n=32, about 3-5 minutes on 2 cores
     .venv/bin/python bench/generate.py --n 2 --n-batch1 1 --max-new-tokens 8   # smoke test
@@ -208,6 +214,10 @@ def main(argv=None) -> None:
     tok, model = backend.tokenizer, backend.model
     params = sum(p.numel() for p in model.parameters())  # tied embedding / output layer once
     flops_per_token = 2 * params
+    # the arithmetic per token: the body for every token, the output layer for generated ones
+    embeddings = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
+    head_flops = 2 * model.get_output_embeddings().weight.numel()
+    body_flops = 2 * sum(p.numel() for p in model.parameters() if id(p) not in embeddings)
     fmt = choose_format(tok, "auto")
     items = common.demo_items(fmt, args.n)
     step = max(1, len(items) // max(1, args.n_batch1))
@@ -226,8 +236,12 @@ def main(argv=None) -> None:
     if "lidr" not in skip:
         print(f"running lidr (batch {args.batch_size}) ... load {common.loadavg()}", flush=True)
         texts, secs = run_lidr(backend, items, args.batch_size, args.max_new_tokens, args.repetition_penalty)
-        results["lidr"] = (texts, secs, f"HFBackend+run_batched, batch {args.batch_size}, {args.dtype}")
+        results["lidr"] = (texts, secs, f"HFBackend+run_batched, batch {args.batch_size}, {args.dtype}, "
+                           f"{backend.decoder.packed_layers} layers packed for oneDNN")
     if "hf-batch1" not in skip:
+        from lidr import packed_linear
+
+        packed_linear.unpack(model)  # lidr's decoder packed the layers for oneDNN: plain transformers again
         print(f"running hf-batch1 ({len(sub)} prompts) ... load {common.loadavg()}", flush=True)
         texts, secs = run_hf_batch1(model, tok, backend.eos_ids, sub, args.max_new_tokens, args.repetition_penalty)
         results["hf-batch1"] = (texts, secs, f"model.generate batch 1, {args.dtype}")
@@ -261,9 +275,10 @@ def main(argv=None) -> None:
     for name, (texts, secs, note) in results.items():
         gen = sum(ntok(t) for t in texts.values())
         processed = gen + sum(prompt_tokens[k] for k in texts)
+        work = processed * body_flops + gen * head_flops
         n = len(texts)
         f = {"answers": n, "gen_tokens": gen, "seconds": secs, "tok_s": gen / secs, "s_per_100": 100 * secs / n,
-             "tokens_per_answer": gen / n, "limit_share": processed * flops_per_token / secs / (fp32 * 1e9)}
+             "tokens_per_answer": gen / n, "limit_share": work / secs / (fp32 * 1e9)}
         figures[name] = f
         rows.append([name, n, gen, round(f["tokens_per_answer"], 1), round(secs, 1), round(f["tok_s"], 1),
                      round(f["s_per_100"], 1), f"{100 * f['limit_share']:.1f}%", note])

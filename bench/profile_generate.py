@@ -5,8 +5,9 @@ output layer's share of it, and generate's time outside the model forward.
     .venv/bin/python bench/profile_generate.py --batches 1,2 --steps 2   # smoke test
 
 (1) decode step: the fp32 model with a KV cache of the demo prompts (~90 tokens), one new token
-    per row; seconds per step and per row-step for each batch size, and the output layer
-    (640 -> 262144) alone on the same rows. If a step's cost grows with the rows in it, rows
+    per row, as lidr's decoder runs it (body, then its output layer on the last position;
+    layers packed for oneDNN unless --no-packed); seconds per step and per row-step for each
+    batch size, and the output layer (640 -> 262144) alone on the same rows. If a step's cost grows with the rows in it, rows
     that already stopped but stay in the batch cost as much as live ones.
 (2) generate: lidr's `HFBackend.generate` on --rows demo prompts for --new-tokens tokens
     (no early stop), time inside the model forward vs the whole call.
@@ -30,6 +31,7 @@ def main(argv=None) -> None:
     p.add_argument("--rows", type=int, default=32, help="rows for the generate measurement")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-packed", action="store_true", help="plain MKL layers (generation.cpu_packed_weights: false)")
     args = p.parse_args(argv)
     import torch
 
@@ -42,8 +44,9 @@ def main(argv=None) -> None:
     common.print_machine(common.machine())
     print(f"started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
     fp32 = common.matmul_gflops("float32", seconds=1.5)
-    backend = HFBackend(resolve_model("gemma-3-270m"), dtype="float32")
-    model, tok = backend.model, backend.tokenizer
+    backend = HFBackend(resolve_model("gemma-3-270m"), dtype="float32", packed_weights=not args.no_packed)
+    model, tok, dec = backend.model, backend.tokenizer, backend.decoder
+    print(f"{dec.packed_layers} linear layers packed for oneDNN (generation.cpu_packed_weights)")
     params = sum(x.numel() for x in model.parameters())
     fmt = choose_format(tok, "auto")
     sizes = [int(b) for b in args.batches.split(",")]
@@ -61,15 +64,17 @@ def main(argv=None) -> None:
             for _ in range(args.steps + 1):  # the first step is a warm-up
                 mask = torch.cat([mask, mask.new_ones(b, 1)], 1)
                 t0 = time.perf_counter()
-                out = model(input_ids=nxt, attention_mask=mask, past_key_values=past, use_cache=True, logits_to_keep=1)
+                # lidr's step: the body, then its output layer on the last position (decode.py)
+                h = dec.body(input_ids=nxt, attention_mask=mask, past_key_values=past, use_cache=True,
+                             position_ids=mask.sum(-1, keepdim=True) - 1).last_hidden_state[:, -1]
+                nxt = dec._head(h).argmax(-1, keepdim=True)
                 times.append(time.perf_counter() - t0)
-                past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
             step = sum(times[1:]) / args.steps
             h = torch.randn(b, head.in_features)
-            head(h)
+            dec._head(h)
             t0 = time.perf_counter()
             for _ in range(args.steps):
-                head(h)
+                dec._head(h)
             head_s = (time.perf_counter() - t0) / args.steps
             gflops = b * 2 * params / step / 1e9
             rows.append([b, round(1000 * step, 1), round(1000 * step / b, 1), round(b / step, 1),

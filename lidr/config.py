@@ -110,6 +110,15 @@ class GenerationConfig(_Section):
     system_prompt: str | None = Field(
         "You are a helpful assistant.", description="System prompt for chat-template models."
     )
+    cpu_packed_weights: bool = Field(
+        True,
+        description=(
+            "backend hf on a CPU (fp32): run the linear layers through oneDNN with weights reordered "
+            "once (lidr/packed_linear.py; decoding steps of 4-32 rows 1.4-2x faster in "
+            "bench/README.md; costs memory, about 1.7x the layers' fp32 size, and is skipped "
+            "when that much is not free). Also used by the translator's hf engine."
+        ),
+    )
     server: EndpointConfig | None = Field(
         None,
         description=(

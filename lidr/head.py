@@ -161,15 +161,16 @@ class HalfHead:
     _faster: dict[tuple, bool] = {}  # measured once per process and shape
 
     @staticmethod
-    def faster(weight: torch.Tensor, half: torch.Tensor, repeats: int = 3) -> bool:
-        """Is the fp16 product for one row clearly (20 %) faster than fp32 on this machine?"""
-        key = (tuple(weight.shape), torch.get_num_threads())
+    def faster(weight: torch.Tensor, half: torch.Tensor, fp32_head=None, repeats: int = 3) -> bool:
+        """Is the fp16 product for one row clearly (20 %) faster than the fp32 logits
+        `fp32_head(h)` (default: `logits_t`) on this machine?"""
+        key = (tuple(weight.shape), torch.get_num_threads(), fp32_head is None)
         if key not in HalfHead._faster:
-            HalfHead._faster[key] = HalfHead._measure(weight, half, repeats)
+            HalfHead._faster[key] = HalfHead._measure(weight, half, fp32_head or (lambda h: logits_t(weight, h)), repeats)
         return HalfHead._faster[key]
 
     @staticmethod
-    def _measure(weight: torch.Tensor, half: torch.Tensor, repeats: int) -> bool:
+    def _measure(weight: torch.Tensor, half: torch.Tensor, fp32_head, repeats: int) -> bool:
         import time
 
         h = torch.randn(1, weight.shape[1])
@@ -183,4 +184,4 @@ class HalfHead:
                 times.append(time.perf_counter() - t0)
             return min(times)
 
-        return best(lambda: half @ h.half().T) < 0.8 * best(lambda: logits_t(weight, h))
+        return best(lambda: half @ h.half().T) < 0.8 * best(lambda: fp32_head(h))

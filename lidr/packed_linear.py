@@ -1,10 +1,12 @@
-"""Frozen linear layers on a CPU through oneDNN with prepacked weights (LoRA training).
+"""Frozen linear layers on a CPU through oneDNN with prepacked weights (LoRA training, generation).
 
 With LoRA the base model's linear layers never change, and each one runs twice a step: `x W^T`
-forward and `g W` backward. PyTorch sends fp32 `F.linear` to MKL, which on the AMD CPUs measured
+forward and `g W` backward; in generation no weight changes at all. PyTorch sends fp32 `F.linear` to MKL, which on the AMD CPUs measured
 here reached 58-88 GFLOP/s for a layer's forward + backward at the training batches' shapes; oneDNN,
 given its weights reordered once into its blocked layout, reached 87-103 (the same fp32
-arithmetic, summed in another order). This is what PyTorch's own compiler does for frozen CPU
+arithmetic, summed in another order). In generation's decoding steps (4-32 rows) the gap is
+wider: gemma-3-270m's 262k-token output layer took 58-118 ms through oneDNN against 125-180 ms
+through MKL (bench/README.md, round 4). This is what PyTorch's own compiler does for frozen CPU
 weights (`torch._inductor` freezing calls the same two operators). Used only where the operators
 exist, on plain fp32 CPU weights that do not train; `unpack` restores the layers.
 """
@@ -37,10 +39,26 @@ class _PackedLinear(torch.autograd.Function):
         return torch.ops.mkldnn._linear_pointwise(grad.contiguous(), ctx.backward_w, None, "none", [], ""), None, None, None
 
 
+def pack_weight(weight: torch.Tensor, rows_hint: int) -> torch.Tensor:
+    """`weight` [out, in] reordered once into oneDNN's blocked layout for `linear`."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows_hint)
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, W, bias)` for 2D `x`, with W given as `pack_weight(W)` (no autograd)."""
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+
+
 def _packed_forward(layer: nn.Linear, forward_w, backward_w):
     def forward(x):
         shape = x.shape
-        y = _PackedLinear.apply(x.reshape(-1, shape[-1]).contiguous(), forward_w, backward_w, layer.bias)
+        x2 = x.reshape(-1, shape[-1]).contiguous()
+        if backward_w is not None:
+            y = _PackedLinear.apply(x2, forward_w, backward_w, layer.bias)
+        elif torch.is_grad_enabled() and x.requires_grad:  # packed for inference only
+            return nn.functional.linear(x, layer.weight, layer.bias)
+        else:
+            y = linear(x2, forward_w, layer.bias)
         return y.view(*shape[:-1], y.shape[-1])
     return forward
 
@@ -52,11 +70,13 @@ def eligible(layer: nn.Module) -> bool:
             and (layer.bias is None or not layer.bias.requires_grad))
 
 
-def pack(model: nn.Module, rows_hint: int = 128, skip: tuple[nn.Module, ...] = ()) -> int:
+def pack(model: nn.Module, rows_hint: int = 128, skip: tuple[nn.Module, ...] = (), backward: bool = True) -> int:
     """Run every frozen fp32 CPU `nn.Linear` of model (but those in `skip`, e.g. an output layer
     computed elsewhere) through oneDNN with prepacked weights. Returns how many were packed.
-    Each keeps two packed copies (the forward's and the backward's layout). For gemma-3-270m's
-    126 layers (100 M parameters, 765 MB as two fp32 copies) RSS rose by 1289 MB."""
+    Each keeps two packed copies (the forward's and the backward's layout); with
+    `backward=False` only the forward's, and a call that needs a gradient runs the plain layer.
+    For gemma-3-270m's 126 layers (100 M parameters, 765 MB as two fp32 copies) RSS rose by
+    1289 MB."""
     if not available():
         return 0
     n = 0
@@ -64,8 +84,8 @@ def pack(model: nn.Module, rows_hint: int = 128, skip: tuple[nn.Module, ...] = (
         if layer in skip or not eligible(layer) or "forward" in vars(layer):
             continue
         w = layer.weight.detach()
-        forward_w = torch.ops.mkldnn._reorder_linear_weight(w, rows_hint)
-        backward_w = torch.ops.mkldnn._reorder_linear_weight(w.T.contiguous(), rows_hint)
+        forward_w = pack_weight(w, rows_hint)
+        backward_w = pack_weight(w.T.contiguous(), rows_hint) if backward else None
         layer.forward = _packed_forward(layer, forward_w, backward_w)
         layer._lidr_packed = True
         n += 1
@@ -80,3 +100,15 @@ def unpack(model: nn.Module) -> None:
 
 
 __all__ = ["available", "pack", "unpack"]
+
+
+def memory_available() -> int | None:
+    """Bytes the OS says can still be allocated without swapping (Linux MemAvailable), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

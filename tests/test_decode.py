@@ -47,11 +47,22 @@ def _save_tiny(path, kind: str):
     return path
 
 
-@pytest.fixture(scope="module", params=["gemma3", "gemma3-wide", "llama"])
+@pytest.fixture(scope="module", params=["gemma3", "gemma3-wide", "llama", "llama-mkl"])
 def backend(request, tmp_path_factory):
-    b = HFBackend(_save_tiny(tmp_path_factory.mktemp(request.param), request.param), dtype="float32", device="cpu")
+    """The backend under test, and `b.plain`: the same model as transformers loads it, for the
+    reference (the backend's own model has its linear layers packed for oneDNN, but with
+    "-mkl", where they stay plain and the output layer is lidr.head's blockwise product)."""
+    from transformers import AutoModelForCausalLM
+
+    from lidr import packed_linear
+
+    kind, packed = request.param.removesuffix("-mkl"), not request.param.endswith("-mkl")
+    path = _save_tiny(tmp_path_factory.mktemp(request.param), kind)
+    b = HFBackend(path, dtype="float32", device="cpu", packed_weights=packed)
     assert b.decoder.own_head  # the fast output layer reproduces the model's logits
-    b.kind = request.param
+    assert (b.decoder.packed_head is not None) == (b.decoder.packed_layers > 0) == (packed and packed_linear.available())
+    b.plain = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    b.kind = kind
     return b
 
 
@@ -62,7 +73,7 @@ PROMPTS = ["<s> the cat", "<s> a big red dog ran under the tree and then", "<s> 
 def _reference(b: HFBackend, prompt: str, max_new_tokens: int, penalty: float, eos: int | None) -> list[int]:
     """transformers' generate on the prompt alone: no padding anywhere."""
     enc = b.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
-    out = b.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=penalty,
+    out = b.plain.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=penalty,
                            eos_token_id=eos, pad_token_id=b.tokenizer.pad_token_id, temperature=None, top_p=None,
                            top_k=None)
     return out[0, enc.input_ids.shape[1]:].tolist()

@@ -1,5 +1,8 @@
 """lidr/packed_linear.py: frozen CPU linear layers through oneDNN with prepacked weights give the
-values and input gradients of `F.linear`, in a LoRA model's DPO step, and come undone."""
+values and input gradients of `F.linear`, in a LoRA model's DPO step and packed for inference
+only, and come undone."""
+
+import copy
 
 import pytest
 import torch
@@ -33,6 +36,30 @@ def test_frozen_layers_are_packed_with_the_same_values_and_gradients():
     packed_linear.unpack(model)
     assert not any("forward" in vars(m) for m in model)
     assert packed_linear.pack(nn.Sequential(nn.Linear(4, 4))) == 0  # trainable: nothing to pack
+
+
+def test_packed_for_inference_only_keeps_one_copy_and_falls_back_for_gradients():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 32, bias=False)).requires_grad_(False)
+    x = torch.randn(7, 64)
+    want = model(x)
+    plain = copy.deepcopy(model)
+    assert packed_linear.pack(model, rows_hint=16, backward=False) == 2
+    with torch.inference_mode(), torch.profiler.profile() as prof:
+        got = model(x)
+    assert sum(e.name == "mkldnn::_linear_pointwise" for e in prof.events()) == 2
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # a caller that wants an input gradient gets the plain layer (no backward copy was packed)
+    xg = x.clone().requires_grad_(True)
+    with torch.profiler.profile() as prof:
+        model(xg).sum().backward()
+    assert not any(e.name == "mkldnn::_linear_pointwise" for e in prof.events())
+    xp = x.clone().requires_grad_(True)
+    plain(xp).sum().backward()
+    torch.testing.assert_close(xg.grad, xp.grad)
+    # the output layer's way: a weight packed by itself
+    w = torch.randn(300, 64)
+    torch.testing.assert_close(packed_linear.linear(x, packed_linear.pack_weight(w, 16)), x @ w.T, rtol=1e-5, atol=1e-5)
 
 
 def test_lora_step_is_the_same_packed():

@@ -13,11 +13,12 @@ __all__ = ["Generation", "HFBackend", "Request", "make_backend", "run_batched"]
 
 
 def make_backend(name: str, model_path, dtype: str = "auto", trust_remote_code: bool = False, *,
-                 server=None, vllm=None):
+                 server=None, vllm=None, cpu_packed_weights: bool = True):
     """`model_path`: the local model (hf, vllm), or the local model whose tokenizer formats
-    prompts for the server (openai). Engines other than hf are imported only when chosen."""
+    prompts for the server (openai). Engines other than hf are imported only when chosen.
+    `cpu_packed_weights`: hf on a CPU, see HFBackend."""
     if name == "hf":
-        return HFBackend(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
+        return HFBackend(model_path, dtype=dtype, trust_remote_code=trust_remote_code, packed_weights=cpu_packed_weights)
     if name == "openai":
         from lidr.backends.openai import OpenAIBackend
 

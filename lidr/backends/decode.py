@@ -12,9 +12,11 @@ What makes the work smaller, each exact (tests/test_decode.py checks every one a
 `generate` on each prompt alone):
 - prefill: prompts that begin alike (few-shot examples, a translation header) run their
   shared prefix once, as with vLLM's prefix caching (`_prefill`);
-- the output layer runs on the last position of the live rows only, on a CPU as a blockwise
-  `W @ h.T` (lidr/head.py: 1.3-4x faster there than `h @ W.T` for 4-256 rows of a 262k
-  vocabulary); for a single row, an fp16 copy screens the vocabulary and only the tokens
+- the output layer runs on the last position of the live rows only; on a CPU with
+  `packed_weights`, every frozen fp32 linear layer (output layer included) goes through
+  oneDNN with its weights reordered once (lidr/packed_linear.py: decoding steps of 4-32 rows
+  took 1.4-2x less time than through MKL), else the output layer is a blockwise `W @ h.T`
+  (lidr/head.py); for a single row, an fp16 copy screens the vocabulary and only the tokens
   that can still win get exact fp32 logits (`_screened_choice`);
 - the tail of a run, where one long answer decodes alone: guesses of its next tokens from its
   own prompt and answer are checked in one forward (prompt lookup decoding, `_draft`).
@@ -35,6 +37,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from lidr import packed_linear
 from lidr.head import HalfHead, logits_t
 
 
@@ -84,7 +87,10 @@ class _Row:
 
 
 class ContinuousDecoder:
-    def __init__(self, model, tokenizer, eos_ids: set[int]):
+    """`packed_weights`: on a CPU, run the model's frozen fp32 linear layers through oneDNN
+    with prepacked weights (`_pack`); this changes the model's layers in place."""
+
+    def __init__(self, model, tokenizer, eos_ids: set[int], packed_weights: bool = False):
         from transformers import DynamicCache
 
         self.model, self.tokenizer, self.eos_ids = model, tokenizer, eos_ids
@@ -100,7 +106,11 @@ class ContinuousDecoder:
         forward = (self.body or model).forward
         self.cache_kw = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
         self.window = _sliding_window(self.new_cache())
+        self.packed_head = None  # the output layer's weight in oneDNN's layout (`_pack`)
+        self.packed_layers = self._pack() if packed_weights else 0
         self.own_head = self.body is not None and self.head_weight is not None and self._own_head_matches()
+        if not self.own_head:
+            self.packed_head = None
         self.half_head = self._half_head() if self.own_head else None
         self.lookup = True  # prompt lookup for a lone row (see _draft)
 
@@ -122,6 +132,8 @@ class ContinuousDecoder:
         for those vocabulary ids only (used without an output bias only)."""
         if tokens is not None:
             logits = F.linear(h, self.head_weight[tokens])
+        elif self.packed_head is not None:
+            logits = packed_linear.linear(h, self.packed_head, self.head_bias)
         elif h.device.type == "cpu":
             logits = logits_t(self.head_weight, h).T  # see lidr/head.py
             if self.head_bias is not None:
@@ -169,13 +181,34 @@ class ContinuousDecoder:
         tol = 1e-2 if self.head_weight.dtype != torch.float32 else 1e-3
         return bool(torch.allclose(got, want, rtol=tol, atol=tol * max(1.0, float(want.abs().max()))))
 
+    def _pack(self) -> int:
+        """Reorder the frozen fp32 CPU linear weights for oneDNN once (lidr/packed_linear.py),
+        where the copies fit in the memory free now. Returns how many layers were packed."""
+        head = self.model.get_output_embeddings()
+        layers = [m for m in self.model.modules() if packed_linear.eligible(m) and m is not head]
+        if self.device.type != "cpu" or not layers or not packed_linear.available():
+            return 0
+        nbytes = sum(m.weight.numel() * 4 for m in layers)
+        own_head = self.head_weight is not None and self.head_weight.dtype == torch.float32 and not self.head_weight.requires_grad
+        nbytes += self.head_weight.numel() * 4 if own_head else 0
+        free = packed_linear.memory_available()
+        if free is not None and 2 * nbytes > free:  # the copies cost ~1.7x their fp32 size (packed_linear.pack)
+            return 0
+        # Decoding steps run 1-64 rows; the layout chosen for 16 served 1-64 as well as any (bench/README.md).
+        n = packed_linear.pack(self.model, rows_hint=16, skip=(head,), backward=False)
+        if own_head:
+            self.packed_head = packed_linear.pack_weight(self.head_weight, rows_hint=16)
+            n += 1
+        return n
+
     def _half_head(self) -> HalfHead | None:
         """An fp16 screen for one-row steps on a CPU where it is faster and within its bound."""
         w = self.head_weight
         if self.device.type != "cpu" or w.dtype != torch.float32 or self.head_bias is not None:
             return None
         half = HalfHead(w)
-        if not half.finite or not HalfHead.faster(w, half.half):
+        fp32_head = (lambda h: packed_linear.linear(h, self.packed_head)) if self.packed_head is not None else None
+        if not half.finite or not HalfHead.faster(w, half.half, fp32_head):
             return None
         with torch.inference_mode():
             approx, eps = half.approx(self._probe)

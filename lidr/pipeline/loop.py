@@ -104,6 +104,7 @@ class Loop:
                 self._backend = make_backend(
                     g.backend, local, dtype=g.dtype,
                     trust_remote_code=self.cfg.trust_remote_code, server=g.server, vllm=g.vllm,
+                    cpu_packed_weights=g.cpu_packed_weights,
                 )
             self._backend_model = path
             if g.backend == "openai" and t > 1:
@@ -156,7 +157,8 @@ class Loop:
                 path = resolve_model(tr.model)
             with console.status(f"loading translator {path}"):
                 engine = make_backend(tr.backend, path, dtype=tr.dtype, trust_remote_code=self.cfg.trust_remote_code,
-                                      server=tr.server, vllm=tr.vllm)
+                                      server=tr.server, vllm=tr.vllm,
+                                      cpu_packed_weights=self.cfg.generation.cpu_packed_weights)
             fmt = choose_format(engine.tokenizer, tr.prompt_format, self.cfg.generation.system_prompt)
             self._translator = (engine, fmt)
         return self._translator
