@@ -21,8 +21,8 @@ class HFBackend:
     def __init__(self, model_path: str | Path, dtype: str = "auto", device: str | None = None,
                  trust_remote_code: bool = False, packed_weights: bool = True):
         """`packed_weights`: on a CPU, fp32 linear layers run through oneDNN with weights
-        reordered once (faster decoding steps, ~1.7x the layers' fp32 size in extra memory;
-        skipped when that is not free); see lidr/backends/decode.py."""
+        reordered once (faster decoding steps; one more copy of the weights in memory, +1.06 GB
+        RSS for gemma-3-270m; skipped when twice that is not free); see lidr/backends/decode.py."""
         self.device = device or default_device()
         self.tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
         self.model = load_model(model_path, dtype=dtype, device=self.device, trust_remote_code=trust_remote_code)
