@@ -285,3 +285,22 @@ def test_lone_row_guesses_ahead_and_keeps_the_greedy_answer(backend, penalty, mo
         assert verified == []
     else:  # guesses were checked, and some were right
         assert any(len(chosen) > 1 for _, chosen in verified)
+
+
+def test_closing_a_packed_backend_frees_its_model(tmp_path):
+    """The generation model (and its packed weight copies) is gone when `close` returns, not at
+    some later garbage collection (a packed layer refers to itself): training loads next."""
+    import gc
+    import weakref
+
+    from lidr import packed_linear
+
+    b = HFBackend(_save_tiny(tmp_path, "llama"), dtype="float32", device="cpu", packed_weights=True)
+    assert b.decoder.packed_layers == (7 * 2 + 1 if packed_linear.available() else 0)
+    model = weakref.ref(b.model)
+    gc.disable()  # no automatic collection may free it in the meantime
+    try:
+        b.close()
+        assert model() is None
+    finally:
+        gc.enable()
