@@ -35,6 +35,10 @@ output layer (2 x its parameters; a prompt's other positions need no logits). Sh
 prompt prefix (lidr) does less than this, so a share can pass 100 %. llama.cpp computes on
 4-bit weights, so for it this is a reference point, not a bound. (Before round 4 the
 output layer was counted for prompt tokens too, which put every share about 2x too high.)
+The roofline line takes lidr's own forwards as they ran (prefix, prefill chunks, decoding
+steps, guess checks) and gives each the longer of reading all fp32 weights once at the
+measured memory read rate and doing its arithmetic at the measured fp32 matmul rate: the
+least time any engine could run that schedule in, and so the most speedup it could give.
 
     .venv/bin/python bench/generate.py            # n=32, about 3-5 minutes on 2 cores
     .venv/bin/python bench/generate.py --n 2 --n-batch1 1 --max-new-tokens 8   # smoke test
@@ -86,15 +90,35 @@ def run_lidr(backend, items, batch_size, max_new, rep):
     backend.generate([p for _, p, _ in warm], max_new_tokens=2, stops=[s for *_, s in warm], repetition_penalty=rep)
     # Count the decoder's forward calls and the rows in each (one-token calls are decoding steps).
     # and the lone-row steps that check guessed tokens (prompt lookup: guessed, kept)
-    calls, forward = [], backend.decoder._step
-    backend.decoder._step = lambda ids, *a: calls.append(tuple(ids.shape)) or forward(ids, *a)
-    checks, verify = [], backend.decoder._verify
-    backend.decoder._verify = lambda nxt, draft, *a: checks.append((len(draft), verify(nxt, draft, *a))) or checks[-1][1]
+    # Every forward also goes into `work`: (real tokens through the body, rows through the output layer).
+    dec, work = backend.decoder, []
+    calls, forward = [], dec._step
+
+    def step(ids, mask, *a):
+        calls.append(tuple(ids.shape))
+        work.append((int(mask[:, -ids.shape[1]:].sum()), len(ids)))
+        return forward(ids, mask, *a)
+
+    checks, verify = [], dec._verify
+
+    def check(nxt, draft, *a):
+        checks.append((len(draft), verify(nxt, draft, *a)))
+        work.append((1 + len(draft), 1 + len(draft)))
+        return checks[-1][1]
+
+    fill = dec._fill
+
+    def prefix(ids, mask, *a):
+        work.append((int(mask.sum()), 0))
+        return fill(ids, mask, *a)
+
+    dec._step, dec._verify, dec._fill = step, check, prefix
     start = time.perf_counter()
     run_batched(backend, items, batch_size=batch_size, on_result=out.__setitem__,
                 max_new_tokens=max_new, repetition_penalty=rep)
     seconds = time.perf_counter() - start
-    backend.decoder._step, backend.decoder._verify = forward, verify
+    dec._step, dec._verify, dec._fill = forward, verify, fill
+    run_lidr.work = work
     steps = [rows for rows, width in calls if width == 1]
     print(f"lidr: {len(calls) - len(steps)} prefill calls, {len(steps)} decoding steps, "
           f"{sum(steps) / max(1, len(steps)):.1f} rows per step on average (every row-step makes a token of a live row); "
@@ -303,6 +327,19 @@ def main(argv=None) -> None:
 
     lidr, b1, ll, srv = (figures.get(k) for k in ("lidr", "hf-batch1", "llama.cpp", "llama.cpp-server"))
     nan = float("nan")
+    # lidr's own schedule of forwards at the machine's roofline: each forward reads all the fp32
+    # weights once (bytes / measured read rate) or does its arithmetic at the measured fp32
+    # matmul rate, whichever takes longer. No engine that runs these forwards can beat this.
+    roofline_s = roofline_b1 = nan
+    if lidr:
+        weight_bytes = 4 * params
+        roofline_s = sum(max(weight_bytes / (bw * 1e9), (t * body_flops + h * head_flops) / (fp32 * 1e9))
+                         for t, h in run_lidr.work)
+        print(f"lidr's {len(run_lidr.work)} forwards at the roofline ({bw:.1f} GB/s, {fp32:.0f} GFLOP/s): "
+              f"{roofline_s:.1f} s against {lidr['seconds']:.1f} s measured ({100 * roofline_s / lidr['seconds']:.0f} %)")
+        if b1:
+            roofline_b1 = (lidr["gen_tokens"] / roofline_s) / b1["tok_s"]
+            print(f"  -> the most this schedule could give against batch 1: {roofline_b1:.1f}x")
     # vs batch 1: per generated token (the batch-1 subset's answers are not the same length mix);
     # vs llama.cpp: per answer on the same n prompts.
     speedup_b1 = lidr["tok_s"] / b1["tok_s"] if lidr and b1 else nan
@@ -320,7 +357,8 @@ def main(argv=None) -> None:
         "lidr_s_per_100": get(lidr, "s_per_100"), "hf_batch1_s_per_100": get(b1, "s_per_100"),
         "llamacpp_s_per_100": get(ll, "s_per_100"), "llamacpp_server_s_per_100": get(srv, "s_per_100"),
         "lidr_limit_share": get(lidr, "limit_share"), "llamacpp_limit_share": get(ll, "limit_share"),
-        "hf_batch1_limit_share": get(b1, "limit_share"),
+        "hf_batch1_limit_share": get(b1, "limit_share"), "lidr_roofline_s": roofline_s,
+        "roofline_speedup_vs_hf_batch1": roofline_b1,
         "fp32_gflops": fp32, "fp32_gflops_end": fp32_end, "bf16_gflops": bf16, "gflop_per_token": flops_per_token / 1e9, "n": args.n,
     }))
 
