@@ -113,7 +113,7 @@ class GenerationConfig(_Section):
     cpu_packed_weights: bool = Field(
         True,
         description=(
-            "backend hf on a CPU (fp32): run the linear layers through oneDNN with weights reordered "
+            "backend hf on an x86-64 CPU (fp32): run the linear layers through oneDNN with weights reordered "
             "once (lidr/packed_linear.py; decoding steps of 4-32 rows 1.4-2x faster in "
             "bench/README.md; costs memory, one more copy of the weights: +1.06 GB RSS for gemma-3-270m; "
             "skipped when twice that is not free). Also used by the translator's hf engine."
@@ -204,7 +204,7 @@ class TrainingConfig(_Section):
     cpu_packed_weights: bool = Field(
         True,
         description=(
-            "LoRA on a CPU: run the frozen linear layers through oneDNN with weights reordered once "
+            "LoRA on an x86-64 CPU: run the frozen linear layers through oneDNN with weights reordered once "
             "(lidr/packed_linear.py; ~20 % faster layers in the bench's training steps; costs memory: "
             "+1.3 GB RSS for gemma-3-270m)."
         ),

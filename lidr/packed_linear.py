@@ -13,6 +13,8 @@ exist, on plain fp32 CPU weights that do not train; `unpack` restores the layers
 
 from __future__ import annotations
 
+import platform
+
 import torch
 from torch import nn
 
@@ -20,8 +22,12 @@ _OPS = ("_linear_pointwise", "_reorder_linear_weight")
 
 
 def available() -> bool:
+    """The operators exist and the CPU is x86-64, where they were measured faster (AVX2, AMD
+    EPYC: bench/README.md). Elsewhere (ARM: oneDNN's kernels there were not measured) the
+    layers stay plain."""
     mkldnn = getattr(torch.ops, "mkldnn", None)
-    return torch.backends.mkldnn.is_available() and all(hasattr(mkldnn, op) for op in _OPS)
+    return (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+            and all(hasattr(mkldnn, op) for op in _OPS))
 
 
 class _PackedLinear(torch.autograd.Function):
