@@ -118,13 +118,12 @@ def run_lidr(backend, items, batch_size, max_new, rep):
                 max_new_tokens=max_new, repetition_penalty=rep)
     seconds = time.perf_counter() - start
     dec._step, dec._verify, dec._fill = forward, verify, fill
-    run_lidr.work = work
     steps = [rows for rows, width in calls if width == 1]
     print(f"lidr: {len(calls) - len(steps)} prefill calls, {len(steps)} decoding steps, "
           f"{sum(steps) / max(1, len(steps)):.1f} rows per step on average (every row-step makes a token of a live row); "
           f"{len(checks)} lone-row steps checking guesses: {sum(g for g, _ in checks)} guessed tokens, "
           f"{sum(len(c) - 1 for _, c in checks)} kept")
-    return {k: g.text for k, g in out.items()}, seconds
+    return {k: g.text for k, g in out.items()}, seconds, work
 
 
 def run_hf_batch1(model, tokenizer, eos_ids, items, max_new, rep):
@@ -259,7 +258,7 @@ def main(argv=None) -> None:
     results = {}  # engine -> (texts by key, seconds, note)
     if "lidr" not in skip:
         print(f"running lidr (batch {args.batch_size}) ... load {common.loadavg()}", flush=True)
-        texts, secs = run_lidr(backend, items, args.batch_size, args.max_new_tokens, args.repetition_penalty)
+        texts, secs, lidr_work = run_lidr(backend, items, args.batch_size, args.max_new_tokens, args.repetition_penalty)
         results["lidr"] = (texts, secs, f"HFBackend+run_batched, batch {args.batch_size}, {args.dtype}, "
                            f"{backend.decoder.packed_layers} layers packed for oneDNN")
     if "hf-batch1" not in skip:
@@ -334,8 +333,8 @@ def main(argv=None) -> None:
     if lidr:
         weight_bytes = 4 * params
         roofline_s = sum(max(weight_bytes / (bw * 1e9), (t * body_flops + h * head_flops) / (fp32 * 1e9))
-                         for t, h in run_lidr.work)
-        print(f"lidr's {len(run_lidr.work)} forwards at the roofline ({bw:.1f} GB/s, {fp32:.0f} GFLOP/s): "
+                         for t, h in lidr_work)
+        print(f"lidr's {len(lidr_work)} forwards at the roofline ({bw:.1f} GB/s, {fp32:.0f} GFLOP/s): "
               f"{roofline_s:.1f} s against {lidr['seconds']:.1f} s measured ({100 * roofline_s / lidr['seconds']:.0f} %)")
         if b1:
             roofline_b1 = (lidr["gen_tokens"] / roofline_s) / b1["tok_s"]

@@ -1,12 +1,12 @@
 """Frozen linear layers on a CPU through oneDNN with prepacked weights (LoRA training, generation).
 
 With LoRA the base model's linear layers never change, and each one runs twice a step: `x W^T`
-forward and `g W` backward; in generation no weight changes at all. PyTorch sends fp32 `F.linear` to MKL, which on the AMD CPUs measured
-here reached 58-88 GFLOP/s for a layer's forward + backward at the training batches' shapes; oneDNN,
-given its weights reordered once into its blocked layout, reached 87-103 (the same fp32
-arithmetic, summed in another order). In generation's decoding steps (4-32 rows) the gap is
-wider: gemma-3-270m's 262k-token output layer took 58-118 ms through oneDNN against 125-180 ms
-through MKL (bench/README.md, round 4). This is what PyTorch's own compiler does for frozen CPU
+forward and `g W` backward; in generation no weight changes at all. PyTorch sends fp32
+`F.linear` to MKL, which on the AMD CPUs measured here reached 58-88 GFLOP/s for a layer's
+forward + backward at the training batches' shapes; oneDNN, given its weights reordered once
+into its blocked layout, reached 87-103 (the same fp32 arithmetic, summed in another order). In
+generation's decoding steps (4-32 rows) the gap is wider: gemma-3-270m's 262k-token output
+layer took 58-119 ms through oneDNN against 121-183 ms through MKL (bench/README.md, round 4). This is what PyTorch's own compiler does for frozen CPU
 weights (`torch._inductor` freezing calls the same two operators). Used only where the operators
 exist, on plain fp32 CPU weights that do not train; `unpack` restores the layers.
 """
@@ -105,9 +105,6 @@ def unpack(model: nn.Module) -> None:
             del layer.forward
 
 
-__all__ = ["available", "pack", "unpack"]
-
-
 def memory_available() -> int | None:
     """Bytes the OS says can still be allocated without swapping (Linux MemAvailable), or None."""
     try:
@@ -118,3 +115,6 @@ def memory_available() -> int | None:
     except OSError:
         pass
     return None
+
+
+__all__ = ["available", "eligible", "linear", "memory_available", "pack", "pack_weight", "unpack"]

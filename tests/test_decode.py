@@ -304,3 +304,19 @@ def test_closing_a_packed_backend_frees_its_model(tmp_path):
         assert model() is None
     finally:
         gc.enable()
+
+
+def test_packing_follows_the_setting(tmp_path):
+    """`generation.cpu_packed_weights` reaches the hf backend through `make_backend` (the loop's
+    and the translator's way in): false leaves every layer plain."""
+    from lidr import packed_linear
+    from lidr.backends import make_backend
+    from lidr.config import GenerationConfig
+
+    assert GenerationConfig().cpu_packed_weights is True
+    path = _save_tiny(tmp_path, "llama")
+    for setting in (True, False):
+        b = make_backend("hf", path, dtype="float32", cpu_packed_weights=setting)
+        assert (b.decoder.packed_layers > 0) == (setting and packed_linear.available())
+        assert any("forward" in vars(m) for m in b.model.modules()) == (setting and packed_linear.available())
+        b.close()

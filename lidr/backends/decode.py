@@ -109,8 +109,9 @@ class ContinuousDecoder:
         self.packed_head = None  # the output layer's weight in oneDNN's layout (`_pack`)
         self.packed_layers = self._pack() if packed_weights else 0
         self.own_head = self.body is not None and self.head_weight is not None and self._own_head_matches()
-        if not self.own_head:
-            self.packed_head = None
+        if not self.own_head and self.packed_head is not None:
+            self.packed_head = None  # the model's own forward computes the logits
+            self.packed_layers -= 1
         self.half_head = self._half_head() if self.own_head else None
         self.lookup = True  # prompt lookup for a lone row (see _draft)
 
@@ -189,15 +190,16 @@ class ContinuousDecoder:
         if self.device.type != "cpu" or not layers or not packed_linear.available():
             return 0
         nbytes = sum(m.weight.numel() * 4 for m in layers)
-        own_head = self.head_weight is not None and self.head_weight.dtype == torch.float32 and not self.head_weight.requires_grad
-        nbytes += self.head_weight.numel() * 4 if own_head else 0
+        w = self.head_weight
+        head_packable = w is not None and w.dtype == torch.float32 and not w.requires_grad
+        nbytes += w.numel() * 4 if head_packable else 0
         free = packed_linear.memory_available()
         if free is not None and 2 * nbytes > free:  # measured: RSS +1062 MB for gemma-3-270m's 1072 MB; keep room
             return 0
         # Decoding steps run 1-64 rows; the layout chosen for 16 served 1-64 as well as any (bench/README.md).
         n = packed_linear.pack(self.model, rows_hint=16, skip=(head,), backward=False)
-        if own_head:
-            self.packed_head = packed_linear.pack_weight(self.head_weight, rows_hint=16)
+        if head_packable:
+            self.packed_head = packed_linear.pack_weight(w, rows_hint=16)
             n += 1
         return n
 

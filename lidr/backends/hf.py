@@ -9,6 +9,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from lidr import packed_linear
 from lidr.backends.decode import ContinuousDecoder, Generation, Request
 from lidr.models import default_device, load_model, load_tokenizer
 
@@ -80,8 +81,6 @@ class HFBackend:
                          repetition_penalty=repetition_penalty, on_result=done)
 
     def close(self) -> None:
-        from lidr import packed_linear
-
         # A packed layer's forward refers to the layer itself: a reference cycle that would keep
         # the model and its packed copies in memory until the next garbage collection.
         packed_linear.unpack(self.model)
