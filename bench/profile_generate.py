@@ -7,8 +7,9 @@ output layer's share of it, and generate's time outside the model forward.
 (1) decode step: the fp32 model with a KV cache of the demo prompts (~90 tokens), one new token
     per row, as lidr's decoder runs it (body, then its output layer on the last position;
     layers packed for oneDNN unless --no-packed); seconds per step and per row-step for each
-    batch size, and the output layer (640 -> 262144) alone on the same rows. If a step's cost grows with the rows in it, rows
-    that already stopped but stay in the batch cost as much as live ones.
+    batch size, and the output layer (640 -> 262144) alone on the same rows. If a step's cost
+    grows with the rows in it, rows that already stopped but stay in the batch cost as much
+    as live ones.
 (2) generate: lidr's `HFBackend.generate` on --rows demo prompts for --new-tokens tokens
     (no early stop), time inside the model forward vs the whole call.
 """
