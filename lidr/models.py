@@ -200,3 +200,19 @@ def load_model(path: str | Path, dtype: str = "auto", device: str | None = None,
     torch_dtype = pick_dtype(dtype, device)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     return model.to(device).eval()
+
+
+def release_memory() -> None:
+    """After a model is dropped: collect what only cycles still hold, then hand the freed heap
+    back to the OS. glibc keeps freed blocks for reuse (a model's tensors and packed weight
+    copies are many of them), so the next stage's model would come on top of them. Measured:
+    RSS after closing a packed gemma-3-270m backend +815 MB over the start, +407 MB with the
+    trim."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass

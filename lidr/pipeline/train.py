@@ -32,7 +32,6 @@ accumulation, so the same code runs under `accelerate launch` (DDP, DeepSpeed Ze
 from __future__ import annotations
 
 import contextlib
-import gc
 import inspect
 import itertools
 import json
@@ -565,7 +564,7 @@ def train_dpo_nll(model_path: str | Path, examples: list[dict], out_dir: str | P
     from accelerate.utils import DistributedType, set_seed
     from transformers import AutoModelForCausalLM, get_scheduler
 
-    from lidr.models import load_tokenizer
+    from lidr.models import load_tokenizer, release_memory
 
     t0 = time.time()
     seed = cfg.seed if cfg.seed is not None else seed
@@ -729,7 +728,7 @@ def train_dpo_nll(model_path: str | Path, examples: list[dict], out_dir: str | P
     acc.wait_for_everyone()
     del lm, policy, optimizer, params  # the caller reloads from disk; free the memory now
     acc.free_memory()
-    gc.collect()
+    release_memory()
 
     summary = {
         "pairs": len(pairs), "steps": step, "epochs": cfg.epochs, "lora": cfg.lora is not None,
