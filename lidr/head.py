@@ -148,7 +148,9 @@ class HalfHead:
         self.half = weight.detach().half()
         self.d = weight.shape[1]
         self.max_row_norm = float(weight.detach().norm(dim=1).max())
-        self.finite = bool(torch.isfinite(self.half).all())  # weights past fp16's range: unusable
+        # weights past fp16's range (or not finite) make it unusable; checked on the fp32 weights:
+        # torch.isfinite on the fp16 copy took 0.44 s here, amax on fp32 0.05 s (NaN fails `<`)
+        self.finite = bool(weight.detach().abs().amax() <= torch.finfo(torch.float16).max)
 
     def approx(self, h: torch.Tensor) -> tuple[torch.Tensor, float]:
         """[1, vocab] fp32 logits of one row `h` [1, hidden], and the bound on their error."""

@@ -308,7 +308,7 @@ def test_closing_a_packed_backend_frees_its_model(tmp_path):
 
 def test_packing_follows_the_setting(tmp_path):
     """`generation.cpu_packed_weights` reaches the hf backend through `make_backend` (the loop's
-    and the translator's way in): false leaves every layer plain."""
+    and the translator's way in), as `lidr eval`'s flag does: false leaves every layer plain."""
     from lidr import packed_linear
     from lidr.backends import make_backend
     from lidr.config import GenerationConfig
@@ -319,4 +319,11 @@ def test_packing_follows_the_setting(tmp_path):
         b = make_backend("hf", path, dtype="float32", cpu_packed_weights=setting)
         assert (b.decoder.packed_layers > 0) == (setting and packed_linear.available())
         assert any("forward" in vars(m) for m in b.model.modules()) == (setting and packed_linear.available())
+        b.close()
+    # and `lidr eval`'s --packed-weights/--no-packed-weights
+    from lidr.eval.commands import _load_backend
+
+    for setting in (True, False):
+        b, _ = _load_backend(str(path), "auto", "float32", setting)
+        assert (b.decoder.packed_layers > 0) == (setting and packed_linear.available())
         b.close()

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lidr.head import BLOCK, TokenLogProbs, logits_t, token_logps
+from lidr.head import BLOCK, HalfHead, TokenLogProbs, logits_t, token_logps
 
 
 @pytest.mark.parametrize("rows", [3, 40])  # one product / blockwise products
@@ -55,3 +55,17 @@ def test_scoring_head_matches_the_training_head(softcap, k):
     got = token_logps(h, w, targets, softcap)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got, TokenLogProbs.apply(h, w, targets, softcap), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad, usable", [(None, True), (6e4, True), (7e4, False), (float("inf"), False),
+                                         (float("nan"), False)])
+def test_half_screen_refuses_weights_fp16_cannot_hold(bad, usable):
+    w = torch.randn(300, 16)
+    if bad is not None:
+        w[123, 5] = bad
+    half = HalfHead(w)
+    assert half.finite is usable
+    if usable:  # and then its bound holds (logits within fp16's range: the product is fp16)
+        h = torch.randn(1, 16) * 1e-3
+        approx, eps = half.approx(h)
+        assert float((approx - h @ w.T).abs().max()) <= eps

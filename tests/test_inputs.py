@@ -106,6 +106,24 @@ def test_model_paths_are_checked(tmp_path, monkeypatch):
         resolve_model("some-org/some-model")
 
 
+def test_the_builtin_model_is_assembled_and_checked_once_per_process(monkeypatch):
+    import importlib
+
+    import lidr.models as models
+
+    package = importlib.import_module(models.ALIASES["gemma-3-270m"])
+    calls = []
+    assemble = package.assemble
+    monkeypatch.setattr(package, "assemble", lambda *a, **k: calls.append(1) or assemble(*a, **k))
+    monkeypatch.setattr(models, "_embedded", {})
+    first = resolve_model("gemma-3-270m")
+    assert resolve_model("gemma-3-270m") == first and len(calls) == 1
+    # a GGUF file that changed since (here: its mtime) is assembled and checked again
+    gguf, (name, size, mtime), target = models._embedded["gemma-3-270m"]
+    models._embedded["gemma-3-270m"] = (gguf, (name, size, mtime - 1), target)
+    assert resolve_model("gemma-3-270m") == first and len(calls) == 2
+
+
 def _lidr(*args, cwd):
     return subprocess.run([sys.executable, "-m", "lidr", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
 

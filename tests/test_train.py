@@ -384,6 +384,24 @@ def test_train_lora_end_to_end(tiny, tmp_path):
         logps, ntok = ResponseLogProbs(trained)(**batch)
     loss, _ = dpo_nll_loss(logps, ref, ntok, BETA, ALPHA)
     assert loss.item() == pytest.approx(summary["final"]["loss"], rel=1e-4)
+    # ... with the base model's tokenizer files, copied as they were, which load the same tokenizer
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "model" / name).read_bytes() == (tiny / name).read_bytes()
+    saved, _ = _load(tmp_path / "model")
+    text = " ".join(WORDS[:7])
+    assert saved(text).input_ids == tok(text).input_ids and saved.pad_token_id == tok.pad_token_id
+
+
+def test_a_tokenizer_without_its_json_is_not_copied(tiny, tmp_path):
+    from lidr.models import copy_tokenizer
+
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "tokenizer_config.json").write_bytes((tiny / "tokenizer_config.json").read_bytes())
+    assert not copy_tokenizer(partial, tmp_path / "out") and not (tmp_path / "out").exists()
+    assert copy_tokenizer(tiny, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        p.name for p in tiny.iterdir() if p.name.startswith(("tokenizer", "special_tokens", "chat_template")))
 
 
 def test_train_full_finetuning_one_step_replaces_out_dir(tiny, tmp_path):

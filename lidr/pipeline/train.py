@@ -473,13 +473,17 @@ def _summarize(sums: torch.Tensor, nll_weight: float) -> dict[str, float]:
             "reward_accuracy": m["correct"]}
 
 
-def _save_atomically(lm, tokenizer, out_dir: Path) -> None:
-    """Write to a sibling temp folder, then swap it in; an older out_dir goes only once the new one is whole."""
+def _save_atomically(lm, tokenizer, out_dir: Path, tokenizer_from: Path) -> None:
+    """Write to a sibling temp folder, then swap it in; an older out_dir goes only once the new one is whole.
+    The tokenizer is the one loaded from `tokenizer_from`, unchanged: its files are copied."""
+    from lidr.models import copy_tokenizer
+
     tmp, old = out_dir.with_name(f".{out_dir.name}.tmp"), out_dir.with_name(f".{out_dir.name}.old")
     for p in (tmp, old):
         shutil.rmtree(p, ignore_errors=True)
     lm.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
+    if not copy_tokenizer(tokenizer_from, tmp):
+        tokenizer.save_pretrained(tmp)
     if out_dir.exists():
         out_dir.rename(old)
     tmp.rename(out_dir)
@@ -724,7 +728,7 @@ def train_dpo_nll(model_path: str | Path, examples: list[dict], out_dir: str | P
     if lm is not None:  # the main process
         if cfg.lora is not None:
             lm = lm.merge_and_unload()
-        _save_atomically(lm.to(dtype), tokenizer, out_dir)
+        _save_atomically(lm.to(dtype), tokenizer, out_dir, tokenizer_from=Path(model_path))
     acc.wait_for_everyone()
     del lm, policy, optimizer, params  # the caller reloads from disk; free the memory now
     acc.free_memory()
