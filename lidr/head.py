@@ -149,7 +149,7 @@ class HalfHead:
         self.d = weight.shape[1]
         self.max_row_norm = float(weight.detach().norm(dim=1).max())
         # weights past fp16's range (or not finite) make it unusable; checked on the fp32 weights:
-        # torch.isfinite on the fp16 copy took 0.44 s here, amax on fp32 0.05 s (NaN fails `<`)
+        # torch.isfinite on the fp16 copy took 0.44 s here, amax on fp32 0.05 s (a NaN fails the test)
         self.finite = bool(weight.detach().abs().amax() <= torch.finfo(torch.float16).max)
 
     def approx(self, h: torch.Tensor) -> tuple[torch.Tensor, float]:
