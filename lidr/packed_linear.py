@@ -6,9 +6,10 @@ forward and `g W` backward; in generation no weight changes at all. PyTorch send
 forward + backward at the training batches' shapes; oneDNN, given its weights reordered once
 into its blocked layout, reached 87-103 (the same fp32 arithmetic, summed in another order). In
 generation's decoding steps (4-32 rows) the gap is wider: gemma-3-270m's 262k-token output
-layer took 58-119 ms through oneDNN against 121-183 ms through MKL (bench/README.md, round 4). This is what PyTorch's own compiler does for frozen CPU
-weights (`torch._inductor` freezing calls the same two operators). Used only where the operators
-exist, on plain fp32 CPU weights that do not train; `unpack` restores the layers.
+layer took 58-119 ms through oneDNN against 121-183 ms through MKL (bench/README.md, round 4).
+This is what PyTorch's own compiler does for frozen CPU weights (`torch._inductor` freezing
+calls the same two operators). Used only where the operators exist, on plain fp32 CPU weights
+that do not train; `unpack` restores the layers.
 """
 
 from __future__ import annotations
