@@ -14,10 +14,12 @@ a second.
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import socket
 from pathlib import Path
+from typing import Callable
 
 from lidr.records import file_digest
 
@@ -51,10 +53,10 @@ def resolve_model(spec: str) -> Path:
     """Model spec -> local folder with config.json, safetensors weights and a tokenizer."""
     check_model_spec(spec)
     if spec in ALIASES:
-        return _embedded_model(spec)
+        return _gguf_model(spec, spec, lambda: Path(importlib.import_module(ALIASES[spec]).assemble()))
     p = Path(spec).expanduser()
     if p.is_file() and p.suffix == ".gguf":
-        return _convert_gguf(p, name=p.stem)
+        return _gguf_model(spec, p.stem, lambda: p)
     if p.is_dir():
         return p
     return _from_hub(spec)
@@ -91,23 +93,22 @@ def _from_hub(repo_id: str) -> Path:
         raise ModelError(f"could not download {repo_id!r} from the Hugging Face Hub: {e}") from None
 
 
-_embedded: dict[str, tuple[Path, tuple, Path]] = {}  # alias -> (GGUF file, its stat, converted folder)
+_gguf_models: dict[str, tuple[Path, tuple, Path]] = {}  # spec -> (GGUF file, its stat, converted folder)
 
 
-def _embedded_model(alias: str) -> Path:
-    """The converted folder of a built-in model. Its package assembles and checks (sha256) the
-    GGUF file, 0.2 s for the default model, once per process: a stage resolves the model again,
-    and reuses the answer while the file's size and mtime stay the same."""
-    known = _embedded.get(alias)
+def _gguf_model(spec: str, name: str, locate: Callable[[], Path]) -> Path:
+    """The converted folder of a GGUF model (`locate()` gives the file), worked out once per
+    process while the file's size and mtime stay the same: every stage resolves the model again,
+    and each time the file's content digest is hashed (and the built-in model's package
+    assembles and checks the file), 0.2 s for the default model."""
+    known = _gguf_models.get(spec)
     if known is not None:
         gguf, stat, target = known
         if gguf.is_file() and _stat_key(gguf) == stat and (target / "config.json").exists():
             return target
-    import importlib
-
-    gguf = Path(importlib.import_module(ALIASES[alias]).assemble())
-    target = _convert_gguf(gguf, name=alias)
-    _embedded[alias] = (gguf, _stat_key(gguf), target)
+    gguf = locate()
+    target = _convert_gguf(gguf, name=name)
+    _gguf_models[spec] = (gguf, _stat_key(gguf), target)
     return target
 
 
@@ -116,21 +117,9 @@ def _stat_key(path: Path) -> tuple:
     return str(path.resolve()), st.st_size, st.st_mtime_ns
 
 
-_gguf_digests: dict[tuple, str] = {}
-
-
-def _gguf_digest(gguf: Path) -> str:
-    """The file's content digest, hashed once per process while its size and mtime stay the same
-    (0.2 s for the default model's file; every stage resolves the model again)."""
-    key = _stat_key(gguf)
-    if key not in _gguf_digests:
-        _gguf_digests[key] = file_digest(gguf)
-    return _gguf_digests[key]
-
-
 def _convert_gguf(gguf: Path, name: str) -> Path:
     """Dequantise a GGUF file to safetensors once; cached by the file's content digest."""
-    target = cache_dir() / "models" / f"{name}-{_gguf_digest(gguf)}"
+    target = cache_dir() / "models" / f"{name}-{file_digest(gguf)}"
     if (target / "config.json").exists():
         return target
     import torch

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -106,21 +107,21 @@ def test_model_paths_are_checked(tmp_path, monkeypatch):
         resolve_model("some-org/some-model")
 
 
-def test_the_builtin_model_is_assembled_and_checked_once_per_process(monkeypatch):
-    import importlib
-
+def test_a_gguf_model_is_resolved_once_per_process(monkeypatch):
+    """The built-in model's package assembles and hashes its GGUF file on every call: done once,
+    and again only when the file changed."""
     import lidr.models as models
 
     package = importlib.import_module(models.ALIASES["gemma-3-270m"])
     calls = []
     assemble = package.assemble
     monkeypatch.setattr(package, "assemble", lambda *a, **k: calls.append(1) or assemble(*a, **k))
-    monkeypatch.setattr(models, "_embedded", {})
+    monkeypatch.setattr(models, "_gguf_models", {})
     first = resolve_model("gemma-3-270m")
     assert resolve_model("gemma-3-270m") == first and len(calls) == 1
     # a GGUF file that changed since (here: its mtime) is assembled and checked again
-    gguf, (name, size, mtime), target = models._embedded["gemma-3-270m"]
-    models._embedded["gemma-3-270m"] = (gguf, (name, size, mtime - 1), target)
+    gguf, (name, size, mtime), target = models._gguf_models["gemma-3-270m"]
+    models._gguf_models["gemma-3-270m"] = (gguf, (name, size, mtime - 1), target)
     assert resolve_model("gemma-3-270m") == first and len(calls) == 2
 
 
