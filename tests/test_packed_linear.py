@@ -10,7 +10,7 @@ from torch import nn
 
 from lidr import packed_linear
 
-pytestmark = pytest.mark.skipif(not packed_linear.available(), reason="this torch has no oneDNN linear operators")
+pytestmark = pytest.mark.skipif(not packed_linear.available(), reason="packed layers run only on x86-64 with oneDNN linear operators")
 
 
 def test_frozen_layers_are_packed_with_the_same_values_and_gradients():

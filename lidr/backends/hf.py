@@ -86,4 +86,3 @@ class HFBackend:
         release_memory()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
