@@ -148,9 +148,10 @@ class HalfHead:
         self.half = weight.detach().half()
         self.d = weight.shape[1]
         self.max_row_norm = float(weight.detach().norm(dim=1).max())
-        # weights past fp16's range (or not finite) make it unusable; checked on the fp32 weights:
-        # torch.isfinite on the fp16 copy took 0.44 s here, amax on fp32 0.05 s (a NaN fails the test)
-        self.finite = bool(weight.detach().abs().amax() <= torch.finfo(torch.float16).max)
+        # Weights past fp16's range (or not finite) make it unusable. A row's norm bounds each of
+        # its weights, so the norm already computed decides it (NaN and inf fail the test), where
+        # torch.isfinite on the fp16 copy took 0.8 s for gemma-3-270m (the row norms: 0.04 s).
+        self.finite = self.max_row_norm <= torch.finfo(torch.float16).max
 
     def approx(self, h: torch.Tensor) -> tuple[torch.Tensor, float]:
         """[1, vocab] fp32 logits of one row `h` [1, hidden], and the bound on their error."""
