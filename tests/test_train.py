@@ -464,7 +464,13 @@ def test_empty_examples_raise(tiny, tmp_path):
         train_dpo_nll(tiny, [], tmp_path / "model", _cfg(), seed=0, log_dir=tmp_path / "log")
 
 
-def test_resolve_dtype():
+def test_resolve_dtype(monkeypatch):
+    """"auto" trains in bf16 only where the hardware computes it (no CUDA here: the CPU's flags)."""
+    import lidr.models
+
     assert resolve_dtype("float32") == torch.float32
     assert resolve_dtype("bfloat16") == torch.bfloat16
-    assert resolve_dtype("auto") in (torch.float32, torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for fast, want in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(lidr.models, "cpu_has_fast_bf16", lambda fast=fast: fast)
+        assert resolve_dtype("auto") == want

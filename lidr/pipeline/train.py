@@ -405,13 +405,11 @@ def resolve_dtype(name: str) -> torch.dtype:
     with AVX512-BF16/AMX), else float32 (emulated bf16 on a CPU is slower than fp32)."""
     if name != "auto":
         return {"bfloat16": torch.bfloat16, "float32": torch.float32}[name]
-    if torch.cuda.is_available():
+    from lidr.models import cpu_has_fast_bf16
+
+    if torch.cuda.is_available():  # (no fp16 for training: generation's pick_dtype may choose it)
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return torch.float32
-    return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 
 
 def planned_steps(n_pairs: int, batch_size: int, gradient_accumulation: int, num_processes: int,
