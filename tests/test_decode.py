@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lidr.backends.hf import HFBackend
+from tiny import word_tokenizer
 
 WORDS = ("the a cat dog sat ran on under mat tree big small red blue and then it was very happy "
          "sad one two three four five six seven eight nine ten").split()
@@ -17,15 +18,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _save_tiny(path, kind: str):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
 
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    tok.train_from_iterator([" ".join(WORDS)], trainers.WordLevelTrainer(special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
+    fast = word_tokenizer(WORDS, join_with_spaces=True)
     ids = dict(bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id)
     torch.manual_seed(0)
     if kind.startswith("gemma3"):

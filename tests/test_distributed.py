@@ -17,6 +17,7 @@ import torch
 from lidr.config import TrainingConfig
 from lidr.pipeline import launch
 from lidr.pipeline.train import planned_steps, shard_batches, train_dpo_nll
+from tiny import save_tiny_gemma3
 
 WORDS = """Question : What is the capital of France ? Answer Paris is the capital . La capital de Francia es
 París the cat sat on mat and dog ran in park one two three four five six seven eight nine ten hola mundo
@@ -43,24 +44,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 def _tiny(path):
     """A random 2-layer Gemma 3 with a word-level tokenizer, saved to path."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import AutoModelForCausalLM, Gemma3TextConfig, PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator([" ".join(WORDS)], trainers.WordLevelTrainer(special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
-    torch.manual_seed(0)
-    config = Gemma3TextConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=16, max_position_embeddings=128, sliding_window=32,
-        final_logit_softcapping=30.0, bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
-        pad_token_id=fast.pad_token_id,
-    )
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    fast.save_pretrained(path)
-    return path
+    return save_tiny_gemma3(path, WORDS, vocab_size=96, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                            sliding_window=32, max_position_embeddings=128)
 
 
 def _lines(path):

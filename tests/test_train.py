@@ -24,6 +24,7 @@ from lidr.pipeline.train import (
     train_dpo_nll,
     truncate,
 )
+from tiny import save_tiny_gemma3
 
 WORDS = """Question : What is the capital of France ? Answer Paris is the capital . La capital de Francia es
 París Die Hauptstadt von Frankreich ist the cat sat on mat and dog ran in park one two three four five six seven
@@ -54,25 +55,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A random 2-layer Gemma 3 (with logit soft-capping) and a word-level tokenizer, saved together."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import AutoModelForCausalLM, Gemma3TextConfig, PreTrainedTokenizerFast
-
-    path = tmp_path_factory.mktemp("tiny")
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator([" ".join(WORDS)], trainers.WordLevelTrainer(special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
-    torch.manual_seed(0)
-    config = Gemma3TextConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=1, head_dim=16, max_position_embeddings=256, sliding_window=64,
-        final_logit_softcapping=30.0, bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
-        pad_token_id=fast.pad_token_id,
-    )
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    fast.save_pretrained(path)
-    return path
+    return save_tiny_gemma3(tmp_path_factory.mktemp("tiny"), WORDS, vocab_size=128, hidden_size=64,
+                            intermediate_size=128, num_attention_heads=4, sliding_window=64,
+                            max_position_embeddings=256)
 
 
 def _load(path):
