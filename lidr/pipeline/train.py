@@ -407,7 +407,7 @@ def resolve_dtype(name: str) -> torch.dtype:
         return {"bfloat16": torch.bfloat16, "float32": torch.float32}[name]
     from lidr.models import cpu_has_fast_bf16
 
-    if torch.cuda.is_available():  # (no fp16 for training: generation's pick_dtype may choose it)
+    if torch.cuda.is_available():  # without bf16: fp32 (fp16 weights would need loss scaling to train)
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 
