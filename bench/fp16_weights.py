@@ -130,8 +130,11 @@ def layers(rows: list[int]) -> None:
 def packing() -> float:
     """Seconds to pack the output layer for fbgemm in blocks of BLOCK rows (also whole, and with
     two threads, printed)."""
-    import torch
     from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from lidr import packed_linear
 
     w = torch.randn(VOCAB, HIDDEN) * 0.02
     t0 = time.perf_counter()
@@ -146,8 +149,6 @@ def packing() -> float:
         list(pool.map(lambda c: torch.ops.quantized.linear_prepack_fp16(c, None), chunks))
     threads = time.perf_counter() - t0
     t0 = time.perf_counter()
-    from lidr import packed_linear
-
     packed_linear.pack_weight(w, rows_hint=16)
     onednn = time.perf_counter() - t0
     print(f"\n(2) packing the output layer ({VOCAB} x {HIDDEN}): fbgemm fp16 whole {whole:.2f} s, in blocks of "
