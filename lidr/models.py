@@ -14,6 +14,7 @@ a second.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import shutil
@@ -176,21 +177,42 @@ _tokenizers: dict[tuple[str, bool], object] = {}
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     """The model's tokenizer, with a pad token (EOS when it has none).
 
-    Loaded once per process for each set of tokenizer files: transformers 5 takes about 6 s
-    to build Gemma 3's 262k-token tokenizer, and M0, M1, M2 ... of a run share the same files.
-    The object is shared, so callers must not change it."""
-    from transformers import AutoTokenizer
-
+    Loaded once per process for each set of tokenizer files: transformers 5 takes 3-6 s
+    to build Gemma 3's 262k-token tokenizer (it parses the 33 MB tokenizer.json in Python,
+    then rebuilds the Rust tokenizer from the vocabulary), and M0, M1, M2 ... of a run share
+    the same files. The object is shared, so callers must not change it."""
     key = _tokenizer_key(path)
     cached = _tokenizers.get((key, trust_remote_code)) if key else None
     if cached is not None:
         return cached
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with _gc_paused():  # the first call in a process also imports transformers
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if key:
         _tokenizers[(key, trust_remote_code)] = tok
     return tok
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """No automatic garbage collection inside. Building Gemma 3's tokenizer makes millions of
+    objects (the parsed 33 MB JSON, 514k merges), and the full collections they set off each
+    walk the 350-400k objects that torch and transformers leave: bench/fixed_costs.py measured
+    3.1-3.2 s instead of 6.2-6.8 s for the build. Importing transformers and a model's code is
+    the same (with torch: 5.4-5.7 s instead of 6.3-7.6 s, timed alone). Nothing made there is
+    garbage a collection would free."""
+    import gc
+
+    was_on = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_on:
+            gc.enable()
 
 
 def copy_tokenizer(src: str | Path, dst: str | Path) -> bool:
@@ -209,48 +231,61 @@ def copy_tokenizer(src: str | Path, dst: str | Path) -> bool:
     return True
 
 
+_tokenizer_keys: dict[tuple, str] = {}  # the files' paths, sizes and mtimes -> their digest
+
+
 def _tokenizer_key(path: str | Path) -> str | None:
     """A digest of a local folder's tokenizer files (and the model type, which can pick the
-    tokenizer class); None for anything else (a Hub id)."""
+    tokenizer class); None for anything else (a Hub id). Worked out once per process while
+    the files' sizes and mtimes stay the same: every stage asks, and hashing Gemma 3's
+    33 MB tokenizer.json takes 0.15 s."""
     import hashlib
     import json
 
     folder = Path(path)
     if not folder.is_dir():
         return None
+    files = [folder / name for name in (*TOKENIZER_FILES, "config.json") if (folder / name).is_file()]
+    stats = tuple(_stat_key(f) for f in files)
+    if stats in _tokenizer_keys:
+        return _tokenizer_keys[stats]
     h = hashlib.sha256()
-    for name in TOKENIZER_FILES:
-        f = folder / name
-        if f.is_file():
-            h.update(name.encode() + b"\0" + f.read_bytes() + b"\0")
+    for f in files:
+        if f.name != "config.json":
+            h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         config = {}
     h.update(repr((config.get("model_type"), config.get("tokenizer_class"))).encode())
-    return h.hexdigest()
+    _tokenizer_keys[stats] = h.hexdigest()
+    return _tokenizer_keys[stats]
 
 
 def load_model(path: str | Path, dtype: str = "auto", device: str | None = None, trust_remote_code: bool = False):
     import torch
-    from transformers import AutoModelForCausalLM
 
     device = device or default_device()
     torch_dtype = pick_dtype(dtype, device)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    with _gc_paused():  # the first call in a process imports the model's code (2 s for Gemma 3)
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     return model.to(device).eval()
 
 
-def release_memory() -> None:
+def release_memory(collect: bool = True) -> None:
     """After a model is dropped: collect what only cycles still hold, then hand the freed heap
     back to the OS. glibc keeps freed blocks for reuse (a model's tensors and packed weight
     copies are many of them), so the next stage's model would come on top of them. Measured:
     RSS after closing a packed gemma-3-270m backend +815 MB over the start, +407 MB with the
-    trim."""
+    trim. `collect=False` where a full collection has just run (accelerate's free_memory): one
+    walks the 350k objects that torch and transformers leave, 0.3-0.4 s."""
     import ctypes
     import gc
 
-    gc.collect()
+    if collect:
+        gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc

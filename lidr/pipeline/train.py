@@ -488,6 +488,34 @@ def _save_atomically(lm, tokenizer, out_dir: Path, tokenizer_from: Path) -> None
     shutil.rmtree(old, ignore_errors=True)
 
 
+def merge_lora(model):
+    """The PEFT model's base model with its LoRA deltas added: `merge_and_unload()`, with each
+    merged weight written to new memory instead of added in place. The base weights of a
+    model loaded on CPU are pages of the memory-mapped safetensors file, and writing into
+    them copies every page first: 0.95 s for gemma-3-270m in place, 0.5 s this way, with the
+    same weights bit for bit (the same add, `w + delta` rounded to w's dtype). Layers other
+    than plain LoRA linears (DoRA and other variants, LoRA biases, embeddings) are left to
+    PEFT's own merge."""
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    plain = all(type(m) is LoraLinear and not m.merged and not getattr(m, "lora_variant", {})
+                and not any(getattr(m, "lora_bias", {}).values()) for m in layers)
+    if not plain:
+        return model.merge_and_unload()
+    with torch.no_grad():
+        for m in layers:
+            base = m.get_base_layer()
+            for name in m.active_adapters:
+                if name in m.lora_A:
+                    w = base.weight
+                    merged = torch.empty_like(w)
+                    torch.add(w, m.get_delta_weight(name), out=merged)
+                    base.weight = nn.Parameter(merged, requires_grad=w.requires_grad)
+    return model.unload()
+
+
 def _peft_config(cfg: TrainingConfig):
     from peft import LoraConfig
 
@@ -725,12 +753,12 @@ def train_dpo_nll(model_path: str | Path, examples: list[dict], out_dir: str | P
     lm = _consolidated_lm(acc, policy, model_path, cfg)
     if lm is not None:  # the main process
         if cfg.lora is not None:
-            lm = lm.merge_and_unload()
+            lm = merge_lora(lm)
         _save_atomically(lm.to(dtype), tokenizer, out_dir, tokenizer_from=Path(model_path))
     acc.wait_for_everyone()
     del lm, policy, optimizer, params  # the caller reloads from disk; free the memory now
-    acc.free_memory()
-    release_memory()
+    acc.free_memory()  # collects garbage (gc.collect) as well
+    release_memory(collect=False)
 
     summary = {
         "pairs": len(pairs), "steps": step, "epochs": cfg.epochs, "lora": cfg.lora is not None,

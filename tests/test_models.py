@@ -1,0 +1,119 @@
+"""lidr/models.py's tokenizer loading (built with garbage collection paused, once per process
+for the same files) and the LoRA merge written to new memory (lidr/pipeline/train.py
+`merge_lora`), each against what transformers / PEFT give."""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+
+import pytest
+import torch
+
+import lidr.models as models
+from lidr.models import load_tokenizer
+
+from tiny import save_tiny_gemma3, word_tokenizer
+
+
+@pytest.fixture
+def fresh(monkeypatch):
+    """No tokenizer held in this process yet."""
+    monkeypatch.setattr(models, "_tokenizers", {})
+    monkeypatch.setattr(models, "_tokenizer_keys", {})
+
+
+def test_tokenizer_built_with_gc_paused_leaves_gc_as_it_was(fresh, tmp_path):
+    folder = tmp_path / "tok"
+    word_tokenizer("the cat sat".split()).save_pretrained(folder)
+    assert gc.isenabled()
+    assert load_tokenizer(folder)("the cat").input_ids == word_tokenizer("the cat sat".split())("the cat").input_ids
+    assert gc.isenabled()
+    models._tokenizers.clear()
+    gc.disable()  # a caller that turned it off keeps it off
+    try:
+        load_tokenizer(folder)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    models._tokenizers.clear()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError):  # and a failed build turns it back on
+        load_tokenizer(tmp_path / "empty")
+    assert gc.isenabled()
+
+
+def test_same_tokenizer_files_share_one_tokenizer_until_they_change(fresh, tmp_path):
+    a, b = tmp_path / "m0", tmp_path / "m1"
+    word_tokenizer("the cat sat on a mat".split()).save_pretrained(a)
+    shutil.copytree(a, b)  # M1 beside M0: the same files
+    first = load_tokenizer(a)
+    assert load_tokenizer(b) is first
+    assert first("the dog").input_ids[1] == 3  # "dog" is unknown (<unk> = 3)
+    # rewritten in place (another tokenizer saved into the same folder): built again
+    shutil.rmtree(b)
+    word_tokenizer("the dog sat on a mat".split()).save_pretrained(b)
+    os.utime(b / "tokenizer.json", ns=(1, 1))  # even with an odd mtime: the size differs, or the digest
+    second = load_tokenizer(b)
+    assert second is not first and 3 not in second("the dog").input_ids
+
+
+# -- merge_lora ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_lora_gives_peft_merge_and_unload_bit_for_bit(tmp_path, dtype):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lidr.pipeline.train import merge_lora
+
+    words = "the cat sat on a mat and the dog ran".split()
+    path = save_tiny_gemma3(tmp_path / "m", words, vocab_size=32, hidden_size=64, intermediate_size=96,
+                            num_attention_heads=2, sliding_window=8, max_position_embeddings=64)
+    merged = {}
+    for how in ("peft", "lidr"):
+        # loaded from the file (memory-mapped for float32, as in training), adapters not zero
+        torch.manual_seed(0)
+        peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=dtype),
+                                    LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.05)
+        out = peft_model.merge_and_unload() if how == "peft" else merge_lora(peft_model)
+        assert type(out).__name__ == "Gemma3ForCausalLM"
+        assert out.get_output_embeddings().weight is out.get_input_embeddings().weight  # still tied
+        merged[how] = out.state_dict()
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).state_dict()
+    assert merged["lidr"].keys() == merged["peft"].keys()
+    for key, value in merged["peft"].items():
+        assert merged["lidr"][key].dtype == dtype
+        assert torch.equal(merged["lidr"][key], value), key
+    changed = [k for k in base if not torch.equal(base[k], merged["lidr"][k])]
+    assert changed and all(k.endswith("_proj.weight") for k in changed)  # the adapters' layers, merged
+
+
+def test_merge_lora_leaves_other_lora_kinds_to_peft(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lidr.pipeline.train import merge_lora
+
+    words = "the cat sat on a mat".split()
+    path = save_tiny_gemma3(tmp_path / "m", words, vocab_size=32, hidden_size=64, intermediate_size=96,
+                            num_attention_heads=2, sliding_window=8, max_position_embeddings=64)
+    results = []
+    for merge in (lambda m: m.merge_and_unload(), merge_lora):
+        torch.manual_seed(0)
+        peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(path),
+                                    LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True,
+                                               task_type="CAUSAL_LM"))
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.05)
+        results.append(merge(peft_model).state_dict())
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
