@@ -201,7 +201,7 @@ def _gc_paused():
     """No automatic garbage collection inside. Building Gemma 3's tokenizer makes millions of
     objects (the parsed 33 MB JSON, 514k merges), and the full collections they set off each
     walk the 350-400k objects that torch and transformers leave: bench/fixed_costs.py measured
-    3.1-3.2 s instead of 6.2-6.8 s for the build. Importing transformers and a model's code is
+    2.6-3.2 s instead of 5.5-6.8 s for the build. Importing transformers and a model's code is
     the same (with torch: 5.4-5.7 s instead of 6.3-7.6 s, timed alone). Nothing made there is
     garbage a collection would free."""
     import gc
