@@ -117,3 +117,35 @@ def test_merge_lora_leaves_other_lora_kinds_to_peft(tmp_path):
                     p.normal_(std=0.05)
         results.append(merge(peft_model).state_dict())
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+
+
+def test_merge_lora_leaves_a_tied_weight_to_peft(tmp_path):
+    """LoRA on the output layer of a model whose output layer is its input embedding: PEFT's
+    in-place merge changes both, and so must this."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lidr.pipeline.train import merge_lora
+
+    words = "the cat sat on a mat".split()
+    path = save_tiny_gemma3(tmp_path / "m", words, vocab_size=32, hidden_size=64, intermediate_size=96,
+                            num_attention_heads=2, sliding_window=8, max_position_embeddings=64)
+    results = []
+    for merge in (lambda m: m.merge_and_unload(), merge_lora):
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PEFT warns about adapting a tied layer
+            peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(path),
+                                        LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head", "q_proj"],
+                                                   task_type="CAUSAL_LM"))
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.05)
+        out = merge(peft_model)
+        results.append({k: v.clone() for k, v in out.state_dict().items()})
+        results[-1]["tied"] = torch.tensor(out.get_output_embeddings().weight is out.get_input_embeddings().weight)
+    assert results[0].keys() == results[1].keys()
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])

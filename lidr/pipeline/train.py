@@ -31,6 +31,7 @@ accumulation, so the same code runs under `accelerate launch` (DDP, DeepSpeed Ze
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import inspect
 import itertools
@@ -492,16 +493,19 @@ def merge_lora(model):
     """The PEFT model's base model with its LoRA deltas added: `merge_and_unload()`, with each
     merged weight written to new memory instead of added in place. The base weights of a
     model loaded on CPU are pages of the memory-mapped safetensors file, and writing into
-    them copies every page first: 0.95 s for gemma-3-270m in place, 0.5 s this way, with the
-    same weights bit for bit (the same add, `w + delta` rounded to w's dtype). Layers other
-    than plain LoRA linears (DoRA and other variants, LoRA biases, embeddings) are left to
-    PEFT's own merge."""
+    them copies every page first: 1.0-1.2 s for gemma-3-270m in place, 0.4-0.5 s this way
+    (bench/fixed_costs.py), with the same weights bit for bit (the same add, `w + delta`
+    rounded to w's dtype). Anything but plain LoRA linears (DoRA and other variants, LoRA
+    biases, embeddings) and a weight shared with another layer (tied: an in-place add changes
+    both) are left to PEFT's own merge."""
     from peft.tuners.lora import Linear as LoraLinear
     from peft.tuners.lora import LoraLayer
 
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    uses = collections.Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     plain = all(type(m) is LoraLinear and not m.merged and not getattr(m, "lora_variant", {})
-                and not any(getattr(m, "lora_bias", {}).values()) for m in layers)
+                and not any(getattr(m, "lora_bias", {}).values()) and uses[id(m.get_base_layer().weight)] == 1
+                for m in layers)
     if not plain:
         return model.merge_and_unload()
     with torch.no_grad():
