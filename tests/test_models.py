@@ -62,66 +62,17 @@ def test_same_tokenizer_files_share_one_tokenizer_until_they_change(fresh, tmp_p
 # -- merge_lora ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_merge_lora_gives_peft_merge_and_unload_bit_for_bit(tmp_path, dtype):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from lidr.pipeline.train import merge_lora
-
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
     words = "the cat sat on a mat and the dog ran".split()
-    path = save_tiny_gemma3(tmp_path / "m", words, vocab_size=32, hidden_size=64, intermediate_size=96,
-                            num_attention_heads=2, sliding_window=8, max_position_embeddings=64)
-    merged = {}
-    for how in ("peft", "lidr"):
-        # loaded from the file (memory-mapped for float32, as in training), adapters not zero
-        torch.manual_seed(0)
-        peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=dtype),
-                                    LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
-        torch.manual_seed(1)
-        with torch.no_grad():
-            for name, p in peft_model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(std=0.05)
-        out = peft_model.merge_and_unload() if how == "peft" else merge_lora(peft_model)
-        assert type(out).__name__ == "Gemma3ForCausalLM"
-        assert out.get_output_embeddings().weight is out.get_input_embeddings().weight  # still tied
-        merged[how] = out.state_dict()
-    base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).state_dict()
-    assert merged["lidr"].keys() == merged["peft"].keys()
-    for key, value in merged["peft"].items():
-        assert merged["lidr"][key].dtype == dtype
-        assert torch.equal(merged["lidr"][key], value), key
-    changed = [k for k in base if not torch.equal(base[k], merged["lidr"][k])]
-    assert changed and all(k.endswith("_proj.weight") for k in changed)  # the adapters' layers, merged
+    return save_tiny_gemma3(tmp_path_factory.mktemp("tiny") / "m", words, vocab_size=32, hidden_size=64,
+                            intermediate_size=96, num_attention_heads=2, sliding_window=8, max_position_embeddings=64)
 
 
-def test_merge_lora_leaves_other_lora_kinds_to_peft(tmp_path):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from lidr.pipeline.train import merge_lora
-
-    words = "the cat sat on a mat".split()
-    path = save_tiny_gemma3(tmp_path / "m", words, vocab_size=32, hidden_size=64, intermediate_size=96,
-                            num_attention_heads=2, sliding_window=8, max_position_embeddings=64)
-    results = []
-    for merge in (lambda m: m.merge_and_unload(), merge_lora):
-        torch.manual_seed(0)
-        peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(path),
-                                    LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True,
-                                               task_type="CAUSAL_LM"))
-        with torch.no_grad():
-            for name, p in peft_model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(std=0.05)
-        results.append(merge(peft_model).state_dict())
-    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
-
-
-def test_merge_lora_leaves_a_tied_weight_to_peft(tmp_path):
-    """LoRA on the output layer of a model whose output layer is its input embedding: PEFT's
-    in-place merge changes both, and so must this."""
+def _merged(path, how: str, dtype=torch.float32, **lora) -> tuple[dict, bool, str]:
+    """The model at `path` with LoRA adapters (`lora`: LoraConfig arguments; nonzero, the same
+    for the same arguments), merged by PEFT (`how="peft"`) or by merge_lora: its weights, whether
+    its output layer is still its input embedding, its class name."""
     import warnings
 
     from peft import LoraConfig, get_peft_model
@@ -129,23 +80,47 @@ def test_merge_lora_leaves_a_tied_weight_to_peft(tmp_path):
 
     from lidr.pipeline.train import merge_lora
 
-    words = "the cat sat on a mat".split()
-    path = save_tiny_gemma3(tmp_path / "m", words, vocab_size=32, hidden_size=64, intermediate_size=96,
-                            num_attention_heads=2, sliding_window=8, max_position_embeddings=64)
-    results = []
-    for merge in (lambda m: m.merge_and_unload(), merge_lora):
-        torch.manual_seed(0)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # PEFT warns about adapting a tied layer
-            peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(path),
-                                        LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head", "q_proj"],
-                                                   task_type="CAUSAL_LM"))
-        with torch.no_grad():
-            for name, p in peft_model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(std=0.05)
-        out = merge(peft_model)
-        results.append({k: v.clone() for k, v in out.state_dict().items()})
-        results[-1]["tied"] = torch.tensor(out.get_output_embeddings().weight is out.get_input_embeddings().weight)
-    assert results[0].keys() == results[1].keys()
-    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT warns about adapting a tied layer
+        # loaded from the file (memory-mapped for float32, as in training)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=dtype),
+                               LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM", **lora))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    out = model.merge_and_unload() if how == "peft" else merge_lora(model)
+    tied = out.get_output_embeddings().weight is out.get_input_embeddings().weight
+    return {k: v.clone() for k, v in out.state_dict().items()}, tied, type(out).__name__
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_lora_gives_peft_merge_and_unload_bit_for_bit(tiny_path, dtype):
+    from transformers import AutoModelForCausalLM
+
+    peft, peft_tied, _ = _merged(tiny_path, "peft", dtype, target_modules="all-linear")
+    lidr, lidr_tied, cls = _merged(tiny_path, "lidr", dtype, target_modules="all-linear")
+    assert cls == "Gemma3ForCausalLM" and lidr_tied and peft_tied
+    assert _same(lidr, peft) and all(v.dtype == dtype for v in lidr.values())
+    base = AutoModelForCausalLM.from_pretrained(tiny_path, dtype=dtype).state_dict()
+    changed = [k for k in base if not torch.equal(base[k], lidr[k])]
+    assert changed and all(k.endswith("_proj.weight") for k in changed)  # the adapters' layers, merged
+
+
+def test_merge_lora_leaves_other_lora_kinds_to_peft(tiny_path):
+    lora = dict(target_modules=["q_proj", "v_proj"], use_dora=True)
+    assert _same(_merged(tiny_path, "lidr", **lora)[0], _merged(tiny_path, "peft", **lora)[0])
+
+
+def test_merge_lora_leaves_a_tied_weight_to_peft(tiny_path):
+    """LoRA on the output layer of a model whose output layer is its input embedding: PEFT's
+    in-place merge changes both, and so must this."""
+    lora = dict(target_modules=["lm_head", "q_proj"])
+    lidr, lidr_tied, _ = _merged(tiny_path, "lidr", **lora)
+    peft, peft_tied, _ = _merged(tiny_path, "peft", **lora)
+    assert _same(lidr, peft) and lidr_tied == peft_tied
