@@ -13,7 +13,7 @@ overhead), on the embedded gemma-3-270m:
 
 Each pair runs alternately, `--rounds` times; the table gives the median.
 
-    .venv/bin/python bench/fixed_costs.py              # about 2 minutes on 2 cores
+    .venv/bin/python bench/fixed_costs.py              # about a minute on 2 cores
     .venv/bin/python bench/fixed_costs.py --rounds 1   # smoke test
 """
 
