@@ -24,12 +24,28 @@ def fresh(monkeypatch):
     monkeypatch.setattr(models, "_tokenizer_keys", {})
 
 
-def test_tokenizer_built_with_gc_paused_leaves_gc_as_it_was(fresh, tmp_path):
+def _gc_state_inside(monkeypatch, cls) -> list[bool]:
+    """Record, at each call of `cls.from_pretrained`, whether automatic collection is on."""
+    seen: list[bool] = []
+    original = cls.from_pretrained.__func__
+
+    def recording(klass, *args, **kwargs):
+        seen.append(gc.isenabled())
+        return original(klass, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "from_pretrained", classmethod(recording))
+    return seen
+
+
+def test_tokenizer_built_with_gc_paused_leaves_gc_as_it_was(fresh, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
     folder = tmp_path / "tok"
     word_tokenizer("the cat sat".split()).save_pretrained(folder)
+    seen = _gc_state_inside(monkeypatch, AutoTokenizer)
     assert gc.isenabled()
     assert load_tokenizer(folder)("the cat").input_ids == word_tokenizer("the cat sat".split())("the cat").input_ids
-    assert gc.isenabled()
+    assert seen == [False] and gc.isenabled()  # paused for the build only
     models._tokenizers.clear()
     gc.disable()  # a caller that turned it off keeps it off
     try:
@@ -42,6 +58,15 @@ def test_tokenizer_built_with_gc_paused_leaves_gc_as_it_was(fresh, tmp_path):
     with pytest.raises(ValueError):  # and a failed build turns it back on
         load_tokenizer(tmp_path / "empty")
     assert gc.isenabled()
+
+
+def test_model_loaded_with_gc_paused_leaves_gc_as_it_was(tiny_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    seen = _gc_state_inside(monkeypatch, AutoModelForCausalLM)
+    model = models.load_model(tiny_path, dtype="float32", device="cpu")
+    assert seen == [False] and gc.isenabled()
+    assert type(model).__name__ == "Gemma3ForCausalLM" and not model.training
 
 
 def test_same_tokenizer_files_share_one_tokenizer_until_they_change(fresh, tmp_path):
