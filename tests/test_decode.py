@@ -328,3 +328,28 @@ def test_packing_follows_the_setting(tmp_path):
         b, _ = _load_backend(str(path), "auto", "float32", setting)
         assert (b.decoder.packed_layers > 0) == (setting and packed_linear.available())
         b.close()
+
+
+@pytest.mark.parametrize("plain", [True, False])
+def test_rows_leaving_the_batch_leave_the_others_cache_as_it_was(plain):
+    """A finished row leaves the KV cache: every other row keeps its own keys and values, at the
+    place the returned order gives it (plain layers: the last rows fill the holes, no full copy)."""
+    from transformers import DynamicCache
+
+    from lidr.backends.decode import _keep_rows
+
+    cache = DynamicCache()
+    keys = [torch.randn(6, 1, 5, 4) for _ in range(3)]
+    for i, k in enumerate(keys):
+        cache.update(k.clone(), -k, i)
+    keep = [0, 2, 3, 5]
+    order = _keep_rows(cache, keep, 6, plain, torch.device("cpu"))
+    assert sorted(order) == keep
+    if plain:
+        assert order == [0, 5, 2, 3]  # row 5 took the place of row 1; rows 2 and 3 did not move
+    for layer, k in zip(cache.layers, keys):
+        assert torch.equal(layer.keys, k[order]) and torch.equal(layer.values, -k[order])
+    again = _keep_rows(cache, [1, 2], 4, plain, torch.device("cpu"))
+    assert again == [2, 1]  # row 2 took the place of row 0
+    for layer, k in zip(cache.layers, keys):
+        assert torch.equal(layer.keys, k[order][again]) and torch.equal(layer.values, -k[order][again])

@@ -266,12 +266,12 @@ class ContinuousDecoder:
                 else:
                     keep.append(j)
             if len(keep) < len(rows):
-                rows = [rows[j] for j in keep]
-                if not rows:
-                    cache = mask = seen = nxt = None
+                if not keep:
+                    rows, cache, mask, seen, nxt = [], None, None, None, None
                     continue
-                idx = torch.tensor(keep, device=self.device)
-                cache.batch_select_indices(idx)
+                order = _keep_rows(cache, keep, len(rows), self.window is not False, self.device)
+                rows = [rows[j] for j in order]
+                idx = torch.tensor(order, device=self.device)
                 mask, seen, nxt = mask[idx], seen[idx], nxt[idx]
                 penalty = _penalties(rows, self.device)
             mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
@@ -479,6 +479,35 @@ def _sliding_window(cache) -> int | None | bool:
         elif type(layer) is not DynamicLayer:
             return False
     return min(windows, default=None)
+
+
+def _keep_rows(cache, keep: list[int], n: int, plain: bool, device) -> list[int]:
+    """Drop the batch's rows that are not in `keep` (ascending, of `n`) from the KV cache and
+    return the new row order. `batch_select_indices` copies every kept row of every layer
+    each time a row stops (0.8 s of the demo's respond stage, 1.6 s of its translate stage,
+    py-spy). With `plain` layers (`DynamicLayer`, `DynamicSlidingWindowLayer`), the last kept
+    rows move into the places of the dropped ones instead, and each layer is cut to the new
+    batch size (a view): only the moved rows are copied. A row's place in the batch does not
+    change its results."""
+    m = len(keep)
+    kept = set(keep)
+    free = [j for j in range(m) if j not in kept]  # places of dropped rows, to be filled
+    moved = [j for j in keep if j >= m]  # as many kept rows beyond the new batch size
+    order = list(range(m))
+    for place, j in zip(free, moved):
+        order[place] = j
+    if not plain:
+        cache.batch_select_indices(torch.tensor(order, device=device))
+        return order
+    to, fro = torch.tensor(free, device=device), torch.tensor(moved, device=device)
+    for layer in cache.layers:
+        if layer.keys is None or layer.keys.numel() == 0:
+            continue
+        if free:
+            layer.keys[to] = layer.keys[fro]  # to < m <= fro: the rows do not overlap
+            layer.values[to] = layer.values[fro]
+        layer.keys, layer.values = layer.keys[:m], layer.values[:m]
+    return order
 
 
 def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
