@@ -1,5 +1,5 @@
 """lidr/models.py's tokenizer loading (built with garbage collection paused, once per process
-for the same files) and the LoRA merge written to new memory (lidr/pipeline/train.py
+for the same files; the added tokens listed in a converted model's tokenizer_config.json) and the LoRA merge written to new memory (lidr/pipeline/train.py
 `merge_lora`), each against what transformers / PEFT give."""
 
 from __future__ import annotations
@@ -82,6 +82,78 @@ def test_same_tokenizer_files_share_one_tokenizer_until_they_change(fresh, tmp_p
     os.utime(b / "tokenizer.json", ns=(1, 1))  # even with an odd mtime: the size differs, or the digest
     second = load_tokenizer(b)
     assert second is not first and 3 not in second("the dog").input_ids
+
+
+def test_recorded_added_tokens_load_the_same_tokenizer(fresh, tmp_path):
+    """The embedded model's real tokenizer, from a folder converted without the added-token
+    list in tokenizer_config.json (as before) and with it: the same tokenizer."""
+    import json
+
+    from lidr.models import _record_added_tokens, resolve_model
+
+    source = resolve_model("gemma-3-270m")
+    before, after = tmp_path / "before", tmp_path / "after"
+    for folder in (before, after):
+        folder.mkdir()
+        for name in ("tokenizer.json", "tokenizer_config.json", "config.json"):
+            shutil.copyfile(source / name, folder / name)
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        config.pop("added_tokens_decoder", None)
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    _record_added_tokens(after)
+    listed = json.loads((after / "tokenizer_config.json").read_text())["added_tokens_decoder"]
+    added = json.loads((after / "tokenizer.json").read_text())["added_tokens"]
+    assert len(listed) == len(added) > 6000 and listed["105"]["content"] == "<start_of_turn>"
+    stamp = (after / "tokenizer_config.json").stat().st_mtime_ns
+    _record_added_tokens(after)  # already there: left alone
+    assert (after / "tokenizer_config.json").stat().st_mtime_ns == stamp
+
+    old, new = load_tokenizer(before), load_tokenizer(after)
+    assert new is not old
+    texts = ["Hello world", "  two  spaces\n\nand lines\t", "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model",
+             "<bos>x<eos><pad><mask>", "Ünïcödé, Привет, 数学の問題: 3+4=?", "🙂 emoji", "<unused42> [multimodal]"]
+    for text in texts:
+        for special in (True, False):
+            ids = new(text, add_special_tokens=special).input_ids
+            assert ids == old(text, add_special_tokens=special).input_ids
+            for skip in (True, False):
+                assert new.decode(ids, skip_special_tokens=skip) == old.decode(ids, skip_special_tokens=skip)
+    # each added token with its flags (special, normalized, lstrip, ...)
+    assert {i: repr(t) for i, t in new.added_tokens_decoder.items()} == {i: repr(t) for i, t in old.added_tokens_decoder.items()}
+    assert new.all_special_tokens == old.all_special_tokens and len(new) == len(old)
+
+
+def test_libraries_stay_frozen_for_the_block_only():
+    """`lidr run` freezes what is alive after the imports (gc skips it) and gives it back to the
+    collector when the run ends; garbage made inside is still collected, and a freeze made by
+    someone else is left alone."""
+    import sys
+    import weakref
+
+    assert gc.get_freeze_count() == 0
+
+    class Node:
+        pass
+
+    with pytest.raises(RuntimeError):
+        with models.libraries_frozen():
+            assert gc.get_freeze_count() > 100_000 and "transformers.modeling_utils" in sys.modules
+            cycle = Node()
+            cycle.me = cycle
+            ref = weakref.ref(cycle)
+            del cycle
+            gc.collect()
+            assert ref() is None
+            raise RuntimeError("a stage failed")
+    assert gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        with models.libraries_frozen():
+            assert gc.get_freeze_count() == frozen
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
 
 
 # -- merge_lora ------------------------------------------------------------------------------

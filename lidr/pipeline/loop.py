@@ -18,7 +18,7 @@ from rich.table import Table
 
 from lidr.config import Config
 from lidr.console import console, progress
-from lidr.models import check_model_spec, resolve_model
+from lidr.models import check_model_spec, libraries_frozen, resolve_model
 from lidr.prompts import PromptSet, check_enough, load_prompts, translation_task_ids
 from lidr.records import atomic_write_jsonl, atomic_write_json, digest, file_digest, load_records
 from lidr.rundir import STAGES, RunDir, State
@@ -244,14 +244,15 @@ class Loop:
         console.print(f"[bold]lidr run[/] -> {self.run.root}  ({self.cfg.iterations} iterations, "
                       f"languages {', '.join(self.langs)}, {self.cfg.prompts.per_iteration} prompts each)")
         evaluate = self.eval_plan is not None
-        for t in range(1, self.cfg.iterations + 1):
-            if evaluate:  # M_{t-1} is loaded for this iteration's generation anyway
-                self.run_eval(t - 1)
-            for stage in STAGES:
-                self.run_stage(t, stage)
-        if evaluate:
-            self.run_eval(self.cfg.iterations)
-        self.release_backend()
+        with libraries_frozen():  # the collections that stages set off skip the libraries' objects
+            for t in range(1, self.cfg.iterations + 1):
+                if evaluate:  # M_{t-1} is loaded for this iteration's generation anyway
+                    self.run_eval(t - 1)
+                for stage in STAGES:
+                    self.run_stage(t, stage)
+            if evaluate:
+                self.run_eval(self.cfg.iterations)
+            self.release_backend()
         self.print_summary()
 
     def run_stage(self, t: int, stage: str) -> None:
