@@ -146,3 +146,33 @@ def test_mixed_script_answer_in_its_language():
     assert is_language(text, "ru", candidates=RUN + ["ru"]) is True
     verdict, why = language_verdict(SENTENCES["en"], "ru", candidates=RUN + ["ru"])
     assert verdict is False and "writing system" in why
+
+
+def test_model_unpacked_once_into_the_cache_gives_the_same_answers(tmp_path, monkeypatch):
+    """The first load unpacks py3langid's LZMA model and keeps the arrays in lidr's cache; later
+    loads read them from there (a broken cache file is unpacked again): the same model."""
+    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+    shipped = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+    monkeypatch.setenv("LIDR_CACHE", str(tmp_path))
+    texts = [*SENTENCES.values(), "ok", "Der Hund und the cat", "12345 !!"]
+    from py3langid import modelio
+
+    unpack = modelio.load_model
+    for round_ in ("unpacked", "cached", "broken cache"):
+        def load_model(path):
+            assert round_ != "cached", "read from the cache, not unpacked again"
+            return unpack(path)
+
+        monkeypatch.setattr(modelio, "load_model", load_model)
+        if round_ == "broken cache":
+            (cached,) = (tmp_path / "langid").glob("*.npz")
+            cached.write_bytes(cached.read_bytes()[:1000])
+        monkeypatch.setattr(langid, "_full", None)
+        monkeypatch.setattr(langid, "_restricted", {})
+        model = langid._load()
+        assert len(list((tmp_path / "langid").glob("*.npz"))) == 1
+        assert model.nb_classes == shipped.nb_classes and model.tk_nextmove == shipped.tk_nextmove
+        assert model.tk_row == shipped.tk_row and model.tk_output == shipped.tk_output
+        assert (model.nb_ptc == shipped.nb_ptc).all() and (model.nb_pc == shipped.nb_pc).all()
+        assert [model.rank(t)[:3] for t in texts] == [shipped.rank(t)[:3] for t in texts]
