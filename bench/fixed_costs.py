@@ -11,9 +11,23 @@ overhead), on the embedded gemma-3-270m:
 - closing a generation backend: one full `gc.collect()` in this process (what `HFBackend.close`
   ran every time before round 7; now only when something still holds the model).
 
+Round 8:
+
+- the added tokens: `load_tokenizer` on a copy of the tokenizer files whose
+  tokenizer_config.json has no `added_tokens_decoder` (as lidr converted the embedded model
+  before round 8) against one that has it; ids compared;
+- py3langid's model: its own loader (unpacks the LZMA file) against lidr's copy of the
+  unpacked arrays in its cache (`lidr.langid._model_parts`); arrays compared;
+- a full collection with a LoRA-wrapped model alive (as in a train stage): `gc.collect()`
+  against the same where what was alive before the model is frozen (`libraries_frozen()`,
+  what `lidr run` does for its stages);
+- a finished row leaving the KV cache: transformers' `batch_select_indices` against
+  `_keep_rows`, on a cache of the demo's size (32 rows, 200 positions, the model's layers);
+  the kept rows compared.
+
 Each pair runs alternately, `--rounds` times; the table gives the median.
 
-    .venv/bin/python bench/fixed_costs.py              # about a minute on 2 cores
+    .venv/bin/python bench/fixed_costs.py              # about 1.5 minutes on 2 cores
     .venv/bin/python bench/fixed_costs.py --rounds 1   # smoke test
 """
 
@@ -68,29 +82,33 @@ def tokenizer_costs(model_dir: Path, rounds: int, texts: list[str]) -> dict:
     return {k: statistics.median(v) for k, v in times.items()} | {"same_ids": same}
 
 
-def merge_costs(model_dir: Path, rounds: int) -> dict:
+def lora_model(model_dir: Path):
+    """The model with nonzero LoRA adapters on every linear layer (the same each time)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from lidr.pipeline.train import merge_lora
+    torch.manual_seed(0)
+    m = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                       LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.02)
+    return m
 
-    def lora_model():
-        torch.manual_seed(0)
-        m = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
-                           LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
-        with torch.no_grad():
-            for name, p in m.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(std=0.02)
-        return m
+
+def merge_costs(model_dir: Path, rounds: int) -> dict:
+    import torch
+
+    from lidr.pipeline.train import merge_lora
 
     times: dict[str, list[float]] = {"peft": [], "lidr": []}
     same = True
     for _ in range(rounds):
         merged = {}
         for name, fn in (("peft", lambda m: m.merge_and_unload()), ("lidr", merge_lora)):
-            m = lora_model()
+            m = lora_model(model_dir)
             gc.collect()
             seconds, out = timed(lambda: fn(m))
             times[name].append(seconds)
@@ -99,6 +117,112 @@ def merge_costs(model_dir: Path, rounds: int) -> dict:
         same = same and all(torch.equal(merged["peft"][k], merged["lidr"][k]) for k in merged["peft"])
         del merged
     return {k: statistics.median(v) for k, v in times.items()} | {"same_weights": same}
+
+
+def added_tokens_costs(model_dir: Path, rounds: int, texts: list[str]) -> dict:
+    import json
+    import shutil
+    import tempfile
+
+    import lidr.models as models
+
+    root = Path(tempfile.mkdtemp(prefix="lidr-bench-"))
+    folders = {}
+    for name in ("without", "with"):
+        folders[name] = root / name
+        folders[name].mkdir()
+        for f in ("tokenizer.json", "tokenizer_config.json", "config.json"):
+            shutil.copyfile(model_dir / f, folders[name] / f)
+    config = json.loads((folders["without"] / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config.pop("added_tokens_decoder", None)
+    (folders["without"] / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    models._record_added_tokens(folders["with"])
+    times: dict[str, list[float]] = {"without": [], "with": []}
+    ids = {}
+    try:
+        for _ in range(rounds):
+            for name, folder in folders.items():
+                models._tokenizers.clear()  # as in a new process
+                gc.collect()
+                seconds, tok = timed(lambda: models.load_tokenizer(folder))
+                times[name].append(seconds)
+                ids[name] = [tok(t).input_ids for t in texts]
+                del tok
+    finally:
+        models._tokenizers.clear()
+        shutil.rmtree(root, ignore_errors=True)
+    return {k: statistics.median(v) for k, v in times.items()} | {"same_ids": ids["without"] == ids["with"]}
+
+
+def langid_costs(rounds: int) -> dict:
+    import numpy as np
+    from py3langid import modelio
+    from py3langid.langid import MODEL_DIR, MODEL_FILE
+
+    from lidr import langid
+
+    langid._model_parts()  # writes lidr's cached copy if it is not there yet
+    times: dict[str, list[float]] = {"py3langid": [], "lidr": []}
+    parts = {}
+    for _ in range(rounds):
+        for name, fn in (("py3langid", lambda: modelio.load_model(MODEL_DIR / MODEL_FILE)), ("lidr", langid._model_parts)):
+            seconds, parts[name] = timed(fn)
+            times[name].append(seconds)
+    same = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(parts["py3langid"], parts["lidr"]))
+    return {k: statistics.median(v) for k, v in times.items()} | {"same_model": same}
+
+
+def collect_costs(rounds: int, make_model) -> dict:
+    """A full collection with a LoRA-wrapped model alive (as in a train stage), and the same with
+    what was alive before the model frozen first (as `lidr run` freezes before its stages)."""
+    from lidr.models import libraries_frozen
+
+    plain, frozen = [], []
+    tracked = len(gc.get_objects())
+    for _ in range(max(rounds, 3)):
+        model = make_model()
+        plain.append(timed(gc.collect)[0])
+        del model
+        gc.collect()
+        with libraries_frozen():
+            model = make_model()
+            frozen.append(timed(gc.collect)[0])
+            del model
+    return {"plain": statistics.median(plain), "frozen": statistics.median(frozen), "tracked": tracked}
+
+
+def compaction_costs(model_dir: Path, rounds: int, rows: int = 32, length: int = 200) -> dict:
+    import torch
+    from transformers import AutoConfig, DynamicCache
+
+    from lidr.backends.decode import _keep_rows
+
+    config = AutoConfig.from_pretrained(model_dir)
+    text = config.get_text_config()
+    keys = [torch.randn(rows, text.num_key_value_heads, length, text.head_dim) for _ in range(text.num_hidden_layers)]
+
+    def cache():
+        c = DynamicCache(config=config)
+        for i, k in enumerate(keys):
+            c.update(k.clone(), k.clone(), i)
+        return c
+
+    keep = [i for i in range(rows) if i != rows // 5]  # one row of 32 ends
+    times: dict[str, list[float]] = {"transformers": [], "lidr": []}
+    same = True
+    for _ in range(rounds):
+        for name in times:
+            for _ in range(5):  # five rows leave, one at a time
+                c = cache()
+                if name == "transformers":
+                    seconds, _ = timed(lambda: c.batch_select_indices(torch.tensor(keep)))
+                    order = keep
+                else:
+                    seconds, order = timed(lambda: _keep_rows(c, keep, rows, True, torch.device("cpu")))
+                times[name].append(seconds)
+                same = same and sorted(order) == keep and all(
+                    torch.equal(layer.keys, k[order]) and torch.equal(layer.values, k[order]) for layer, k in zip(c.layers, keys))
+    return {k: statistics.median(v) for k, v in times.items()} | {"same_rows": same, "mb": sum(k.numel() * 8 for k in keys) / 1e6}
 
 
 def main(argv=None) -> None:
@@ -120,24 +244,42 @@ def main(argv=None) -> None:
     texts = [prompt for _, prompt, _ in common.demo_items(fmt, 32)]
 
     tok = tokenizer_costs(model_dir, args.rounds, texts)
+    added = added_tokens_costs(model_dir, args.rounds, texts)
+    lid = langid_costs(args.rounds)
     merge = merge_costs(model_dir, args.rounds)
-    collect = statistics.median(timed(gc.collect)[0] for _ in range(max(args.rounds, 3)))
-    tracked = len(gc.get_objects())
+    collect = collect_costs(args.rounds, lambda: lora_model(model_dir))
+    compaction = compaction_costs(model_dir, args.rounds)
+    tracked = collect["tracked"]
 
     rows = [
         ["tokenizer", "AutoTokenizer.from_pretrained", round(tok["plain"], 2),
          "load_tokenizer (gc paused)", round(tok["lidr"], 2), f"{tok['plain'] / tok['lidr']:.2f}x"],
         ["LoRA merge", "PEFT merge_and_unload", round(merge["peft"], 2),
          "merge_lora", round(merge["lidr"], 2), f"{merge['peft'] / merge['lidr']:.2f}x"],
-        ["backend close", "gc.collect()", round(collect, 2), "none (model freed by refcount)", 0.0, "-"],
+        ["backend close", "gc.collect()", round(collect["plain"], 2), "none (model freed by refcount)", 0.0, "-"],
+        ["added tokens", "load_tokenizer, config without them", round(added["without"], 2),
+         "load_tokenizer, listed", round(added["with"], 2), f"{added['without'] / added['with']:.2f}x"],
+        ["langid model", "py3langid (LZMA)", round(lid["py3langid"], 2),
+         "lidr's unpacked copy", round(lid["lidr"], 2), f"{lid['py3langid'] / lid['lidr']:.2f}x"],
+        ["full collection", "gc.collect(), LoRA model alive", round(collect["plain"], 3),
+         "the same, libraries frozen", round(collect["frozen"], 3), f"{collect['plain'] / collect['frozen']:.1f}x"],
+        ["row leaves cache", "batch_select_indices", round(compaction["transformers"], 4),
+         "_keep_rows", round(compaction["lidr"], 4), f"{compaction['transformers'] / compaction['lidr']:.1f}x"],
     ]
     print(f"medians of {args.rounds} alternating rounds; {tracked} objects tracked by gc in this process")
     print(common.table(["cost", "before", "s", "lidr", "s", "ratio"], rows))
-    print(f"same ids on {len(texts)} demo prompts: {tok['same_ids']}; same merged weights: {merge['same_weights']}")
+    print(f"same ids on {len(texts)} demo prompts: {tok['same_ids']} (added tokens listed or not: {added['same_ids']}); "
+          f"same merged weights: {merge['same_weights']}; same langid model: {lid['same_model']}; "
+          f"same rows left in the {compaction['mb']:.0f} MB cache: {compaction['same_rows']}")
     print(common.keyvals({
         "tokenizer_plain_s": round(tok["plain"], 3), "tokenizer_lidr_s": round(tok["lidr"], 3), "merge_peft_s": round(merge["peft"], 3),
-        "merge_lidr_s": round(merge["lidr"], 3), "gc_collect_s": round(collect, 3),
-        "same_ids": tok["same_ids"], "same_weights": merge["same_weights"], "rounds": args.rounds,
+        "merge_lidr_s": round(merge["lidr"], 3), "gc_collect_s": round(collect["plain"], 3),
+        "gc_collect_frozen_s": round(collect["frozen"], 3), "tokenizer_unlisted_s": round(added["without"], 3),
+        "tokenizer_listed_s": round(added["with"], 3), "langid_lzma_s": round(lid["py3langid"], 3),
+        "langid_cached_s": round(lid["lidr"], 3), "row_leaves_transformers_s": round(compaction["transformers"], 4),
+        "row_leaves_lidr_s": round(compaction["lidr"], 4),
+        "same_ids": tok["same_ids"] and added["same_ids"], "same_weights": merge["same_weights"],
+        "same_langid": lid["same_model"], "same_rows": compaction["same_rows"], "rounds": args.rounds,
     }))
 
 
