@@ -13,8 +13,8 @@ Restricting the candidates to the run's languages is the robust choice for decis
 py3langid confuses close languages (es/gl/ca, fr/oc, de/lb, zh/wuu/yue) on short texts,
 and a run only ever needs to tell its own languages apart.
 
-The model is loaded once per process, lazily (0.2-0.3 s from lidr's cache, 0.7 s the first
-time); restricted identifiers are cheap copies that share the model's arrays, cached per
+The model is loaded once per process, lazily (0.15-0.25 s from lidr's cache, 0.6-0.7 s the
+first time); restricted identifiers are cheap copies that share the model's arrays, cached per
 candidate set.
 """
 
@@ -142,9 +142,9 @@ def _load():
 
 def _model_parts() -> tuple:
     """py3langid's model as its loader gives it: (ptc, pc, classes, nextmove, row, output).
-    The file it ships is LZMA-compressed, and unpacking it takes 0.7 s, once per process. The
-    unpacked arrays are kept in lidr's cache folder (an uncompressed .npz of 68 MB, read in
-    0.24 s), named by py3langid's version and the shipped file's size and mtime; a cache
+    The file it ships is LZMA-compressed, and unpacking it takes 0.6-0.7 s, once per process.
+    The unpacked arrays are kept in lidr's cache folder (an uncompressed .npz of 68 MB, read
+    in 0.15-0.25 s; bench/fixed_costs.py), named by py3langid's version and the shipped file's size and mtime; a cache
     that cannot be read or written is passed by."""
     import importlib.metadata
     import os
