@@ -1,6 +1,7 @@
 """lidr/models.py's tokenizer loading (built with garbage collection paused, once per process
-for the same files; the added tokens listed in a converted model's tokenizer_config.json) and the LoRA merge written to new memory (lidr/pipeline/train.py
-`merge_lora`), each against what transformers / PEFT give."""
+for the same files; the added tokens listed in a converted model's tokenizer_config.json), the
+libraries frozen during `lidr run`, and the LoRA merge written to new memory
+(lidr/pipeline/train.py `merge_lora`), each against what transformers / PEFT give."""
 
 from __future__ import annotations
 

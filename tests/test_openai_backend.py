@@ -5,6 +5,7 @@ a demo-sized `lidr run` whose generation goes through the server."""
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 from pathlib import Path
@@ -198,7 +199,16 @@ def test_demo_run_with_the_openai_backend(llama_url, tmp_path, monkeypatch, capf
     (root).mkdir()
     (root / "config.yaml").write_text(dump_config(cfg))
     loop = Loop(cfg, root)
+    frozen = []  # gc's frozen objects as each stage starts: the libraries' (lidr/models.py, libraries_frozen)
+    execute = Loop._execute
+
+    def recording(self, *args, **kwargs):
+        frozen.append(gc.get_freeze_count())
+        return execute(self, *args, **kwargs)
+
+    monkeypatch.setattr(Loop, "_execute", recording)
     loop.run_all()
+    assert len(frozen) == 4 and min(frozen) > 100_000 and gc.get_freeze_count() == 0  # given back after the run
 
     it = root / "iter-1"
     for lang in ("en", "es"):
