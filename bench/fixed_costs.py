@@ -218,7 +218,7 @@ def compaction_costs(model_dir: Path, rounds: int, rows: int = 32, length: int =
                     seconds, _ = timed(lambda: c.batch_select_indices(torch.tensor(keep)))
                     order = keep
                 else:
-                    seconds, order = timed(lambda: _keep_rows(c, keep, rows, True, torch.device("cpu")))
+                    seconds, order = timed(lambda: _keep_rows(c, keep, True, torch.device("cpu")))
                 times[name].append(seconds)
                 same = same and sorted(order) == keep and all(
                     torch.equal(layer.keys, k[order]) and torch.equal(layer.values, k[order]) for layer, k in zip(c.layers, keys))

@@ -310,9 +310,10 @@ def libraries_frozen():
     Loading models and training set off full collections a few times per iteration, and each
     walked the 350-400k objects that the libraries' modules leave (PEFT's wrapping set one
     off, accelerate's `free_memory` runs one). Frozen, they are skipped: 0.45 s against
-    0.02 s per collection with a LoRA model alive (bench/fixed_costs.py). `gc.unfreeze()` at the end gives them back to the collector, so nothing alive at
-    the start is kept from it past the block (one that becomes cyclic garbage inside waits
-    until then). Where something else has already frozen objects, nothing is done."""
+    0.02 s per collection with a LoRA model alive (bench/fixed_costs.py). `gc.unfreeze()` at
+    the end gives them back to the collector, so nothing alive at the start is kept from it
+    past the block (one that becomes cyclic garbage inside waits until then). Where something
+    else has already frozen objects, nothing is done."""
     import gc
 
     if gc.get_freeze_count():

@@ -343,13 +343,13 @@ def test_rows_leaving_the_batch_leave_the_others_cache_as_it_was(plain):
     for i, k in enumerate(keys):
         cache.update(k.clone(), -k, i)
     keep = [0, 2, 3, 5]
-    order = _keep_rows(cache, keep, 6, plain, torch.device("cpu"))
+    order = _keep_rows(cache, keep, plain, torch.device("cpu"))
     assert sorted(order) == keep
     if plain:
         assert order == [0, 5, 2, 3]  # row 5 took the place of row 1; rows 2 and 3 did not move
     for layer, k in zip(cache.layers, keys):
         assert torch.equal(layer.keys, k[order]) and torch.equal(layer.values, -k[order])
-    again = _keep_rows(cache, [1, 2], 4, plain, torch.device("cpu"))
+    again = _keep_rows(cache, [1, 2], plain, torch.device("cpu"))
     assert again == [2, 1]  # row 2 took the place of row 0
     for layer, k in zip(cache.layers, keys):
         assert torch.equal(layer.keys, k[order][again]) and torch.equal(layer.values, -k[order][again])

@@ -269,7 +269,7 @@ class ContinuousDecoder:
                 if not keep:
                     rows, cache, mask, seen, nxt = [], None, None, None, None
                     continue
-                order = _keep_rows(cache, keep, len(rows), self.window is not False, self.device)
+                order = _keep_rows(cache, keep, self.window is not False, self.device)
                 rows = [rows[j] for j in order]
                 idx = torch.tensor(order, device=self.device)
                 mask, seen, nxt = mask[idx], seen[idx], nxt[idx]
@@ -481,14 +481,14 @@ def _sliding_window(cache) -> int | None | bool:
     return min(windows, default=None)
 
 
-def _keep_rows(cache, keep: list[int], n: int, plain: bool, device) -> list[int]:
-    """Drop the batch's rows that are not in `keep` (ascending, of `n`) from the KV cache and
-    return the new row order. `batch_select_indices` copies every kept row of every layer
-    each time a row stops (py-spy: 2.5 s of the demo's two iterations; 85 ms per row leaving
-    a 32-row, 236 MB cache against 5 ms this way, bench/fixed_costs.py). With `plain` layers (`DynamicLayer`, `DynamicSlidingWindowLayer`), the last kept
-    rows move into the places of the dropped ones instead, and each layer is cut to the new
-    batch size (a view): only the moved rows are copied. A row's place in the batch does not
-    change its results."""
+def _keep_rows(cache, keep: list[int], plain: bool, device) -> list[int]:
+    """Drop the batch's rows that are not in `keep` (ascending) from the KV cache and return
+    the new row order. `batch_select_indices` copies every kept row of every layer each time
+    a row stops (py-spy: 2.5 s of the demo's two iterations; 85 ms per row leaving a 32-row,
+    236 MB cache against 5 ms this way, bench/fixed_costs.py). With `plain` layers
+    (`DynamicLayer`, `DynamicSlidingWindowLayer`), the last kept rows move into the places of
+    the dropped ones instead, and each layer is cut to the new batch size (a view): only the
+    moved rows are copied. A row's place in the batch does not change its results."""
     m = len(keep)
     kept = set(keep)
     free = [j for j in range(m) if j not in kept]  # places of dropped rows, to be filled
