@@ -25,6 +25,13 @@ Round 8:
   `_keep_rows`, on a cache of the demo's size (32 rows, 200 positions, the model's layers);
   the kept rows compared.
 
+Round 9:
+
+- a decoding step's KV cache update: transformers' `DynamicLayer.update` (concatenates: the
+  whole cache is copied) against the decoder's growing layers (`lidr.backends.decode._growing`:
+  the new position written into spare room), on a cache of the demo's size (32 rows, 200
+  positions, the model's layers), one step at a time; the returned states compared.
+
 Each pair runs alternately, `--rounds` times; the table gives the median.
 
     .venv/bin/python bench/fixed_costs.py              # about 1.5 minutes on 2 cores
@@ -225,6 +232,37 @@ def compaction_costs(model_dir: Path, rounds: int, rows: int = 32, length: int =
     return {k: statistics.median(v) for k, v in times.items()} | {"same_rows": same, "mb": sum(k.numel() * 8 for k in keys) / 1e6}
 
 
+def append_costs(model_dir: Path, rounds: int, rows: int = 32, length: int = 200, steps: int = 8) -> dict:
+    import torch
+    from transformers import AutoConfig, DynamicCache
+
+    from lidr.backends.decode import _growing
+
+    config = AutoConfig.from_pretrained(model_dir)
+    text = config.get_text_config()
+    shape = (rows, text.num_key_value_heads, length, text.head_dim)
+    prompt = [torch.randn(shape) for _ in range(text.num_hidden_layers)]
+    new = [[torch.randn(rows, shape[1], 1, shape[3]) for _ in prompt] for _ in range(steps)]
+
+    def run(cache) -> tuple[float, list]:
+        for i, k in enumerate(prompt):
+            cache.update(k, k, i)
+        t0 = time.perf_counter()
+        for step in new:
+            out = [cache.update(k, k, i) for i, k in enumerate(step)]
+        return (time.perf_counter() - t0) / steps, out
+
+    times: dict[str, list[float]] = {"transformers": [], "lidr": []}
+    same = True
+    for _ in range(rounds):
+        seconds, want = run(DynamicCache(config=config))
+        times["transformers"].append(seconds)
+        seconds, got = run(_growing(DynamicCache(config=config)))
+        times["lidr"].append(seconds)
+        same = same and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(want, got))
+    return {k: statistics.median(v) for k, v in times.items()} | {"same_states": same}
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)  # PEFT calls a renamed transformers method
@@ -249,6 +287,7 @@ def main(argv=None) -> None:
     merge = merge_costs(model_dir, args.rounds)
     collect = collect_costs(args.rounds, lambda: lora_model(model_dir))
     compaction = compaction_costs(model_dir, args.rounds)
+    append = append_costs(model_dir, args.rounds)
     tracked = collect["tracked"]
 
     rows = [
@@ -265,21 +304,26 @@ def main(argv=None) -> None:
          "the same, libraries frozen", round(collect["frozen"], 3), f"{collect['plain'] / collect['frozen']:.1f}x"],
         ["row leaves cache", "batch_select_indices", round(compaction["transformers"], 4),
          "_keep_rows", round(compaction["lidr"], 4), f"{compaction['transformers'] / compaction['lidr']:.1f}x"],
+        ["step's cache update", "DynamicLayer (concatenates)", round(append["transformers"], 4),
+         "growing layers", round(append["lidr"], 4), f"{append['transformers'] / append['lidr']:.1f}x"],
     ]
     print(f"medians of {args.rounds} alternating rounds; {tracked} objects tracked by gc in this process")
     print(common.table(["cost", "before", "s", "lidr", "s", "ratio"], rows))
     print(f"same ids on {len(texts)} demo prompts: {tok['same_ids']} (added tokens listed or not: {added['same_ids']}); "
           f"same merged weights: {merge['same_weights']}; same langid model: {lid['same_model']}; "
-          f"same rows left in the {compaction['mb']:.0f} MB cache: {compaction['same_rows']}")
+          f"same rows left in the {compaction['mb']:.0f} MB cache: {compaction['same_rows']}; "
+          f"same states after a step: {append['same_states']}")
     print(common.keyvals({
         "tokenizer_plain_s": round(tok["plain"], 3), "tokenizer_lidr_s": round(tok["lidr"], 3), "merge_peft_s": round(merge["peft"], 3),
         "merge_lidr_s": round(merge["lidr"], 3), "gc_collect_s": round(collect["plain"], 3),
         "gc_collect_frozen_s": round(collect["frozen"], 3), "tokenizer_unlisted_s": round(added["without"], 3),
         "tokenizer_listed_s": round(added["with"], 3), "langid_lzma_s": round(lid["py3langid"], 3),
         "langid_cached_s": round(lid["lidr"], 3), "row_leaves_transformers_s": round(compaction["transformers"], 4),
-        "row_leaves_lidr_s": round(compaction["lidr"], 4),
+        "row_leaves_lidr_s": round(compaction["lidr"], 4), "cache_step_transformers_s": round(append["transformers"], 4),
+        "cache_step_lidr_s": round(append["lidr"], 4),
         "same_ids": tok["same_ids"] and added["same_ids"], "same_weights": merge["same_weights"],
-        "same_langid": lid["same_model"], "same_rows": compaction["same_rows"], "rounds": args.rounds,
+        "same_langid": lid["same_model"], "same_rows": compaction["same_rows"], "same_states": append["same_states"],
+        "rounds": args.rounds,
     }))
 
 

@@ -260,8 +260,13 @@ def main(argv=None) -> None:
     if "lidr" not in skip:
         print(f"running lidr (batch {args.batch_size}) ... load {common.loadavg()}", flush=True)
         texts, secs, lidr_work = run_lidr(backend, items, args.batch_size, args.max_new_tokens, args.repetition_penalty)
+        int8 = backend.decoder.int8_head
         results["lidr"] = (texts, secs, f"HFBackend+run_batched, batch {args.batch_size}, {args.dtype}, "
-                           f"{backend.decoder.packed_layers} layers packed for oneDNN")
+                           f"{backend.decoder.packed_layers} layers packed for oneDNN"
+                           + (", int8 screen of the output layer" if int8 else ""))
+        if int8:  # built in the warm-up call's first step of several rows: not counted, as model loading
+            print(f"lidr: int8 copy of the output layer built in {backend.decoder.int8_build_seconds:.2f} s "
+                  f"(in the warm-up, not counted)")
     if "hf-batch1" not in skip:
         from lidr import packed_linear
 

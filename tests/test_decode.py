@@ -353,3 +353,166 @@ def test_rows_leaving_the_batch_leave_the_others_cache_as_it_was(plain):
     assert again == [2, 1]  # row 2 took the place of row 0
     for layer, k in zip(cache.layers, keys):
         assert torch.equal(layer.keys, k[order][again]) and torch.equal(layer.values, -k[order][again])
+
+
+@pytest.mark.parametrize("window", [None, 12])
+def test_growing_kv_cache_keeps_what_transformers_keeps(window):
+    """The decoder's KV cache (decode.py `_growing`) writes a step's new positions into spare
+    room instead of concatenating; through every operation the decoder does on it (steps of
+    one or more tokens, rows leaving, `crop`, a layer's tensors replaced as `_join` does, past
+    a sliding window) it holds and returns what transformers' own layers do."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    from lidr.backends.decode import _growing, _keep_rows
+
+    def make():
+        cache = DynamicCache()
+        cache.layers = [DynamicLayer(), DynamicSlidingWindowLayer(sliding_window=window) if window else DynamicLayer()]
+        return cache
+
+    torch.manual_seed(0)
+    plain, grown = make(), _growing(make())
+    assert [type(x).__name__ for x in grown.layers] == ["GrowingLayer", "GrowingSlidingLayer" if window else "GrowingLayer"]
+    rows = 5
+
+    def step(n):
+        k, v = torch.randn(rows, 1, n, 4), torch.randn(rows, 1, n, 4)
+        for i in range(2):
+            want, got = plain.update(k, v, i), grown.update(k.clone(), v.clone(), i)
+            assert all(torch.equal(a, b) for a, b in zip(want, got))
+
+    def same():
+        for a, b in zip(plain.layers, grown.layers):
+            assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+            assert a.get_seq_length() == b.get_seq_length()
+
+    step(3)  # a prefill
+    buffer = grown.layers[0].keys.data_ptr()
+    for _ in range(4):
+        step(1)
+        same()
+    assert grown.layers[0].keys.data_ptr() == buffer  # steps wrote into the same buffer: no copy
+    for cache in (plain, grown):
+        order = _keep_rows(cache, [0, 2, 4], True, torch.device("cpu"))
+    rows = 3
+    same()
+    step(1)
+    same()
+    assert grown.layers[0].keys.data_ptr() == buffer  # rows leaving keep the buffer too
+    plain.crop(-2), grown.crop(-2)  # rejected guesses
+    same()
+    step(2)
+    same()
+    for cache in (plain, grown):  # a join replaces the tensors: the next step takes them over
+        for layer in cache.layers:
+            layer.keys, layer.values = torch.cat([layer.keys, layer.keys]), torch.cat([layer.values, layer.values])
+    rows = 6
+    step(1)
+    same()
+    for _ in range(200):  # well past the room of the first buffer, and past the sliding window
+        step(1)
+    same()
+    assert order == [0, 4, 2]
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_int8_screened_output_layer_gives_the_same_tokens(backend, penalty, monkeypatch):
+    """Steps of several rows with the int8 screen (lidr/head.py, Int8Head) choose what the fp32
+    output layer chooses: the same tokens as `generate`, with soft-capping (gemma3), the penalty,
+    rows joining and leaving."""
+    from lidr.backends.decode import ContinuousDecoder
+    from lidr.head import Int8Head
+
+    if backend.decoder.packed_layers == 0 or not Int8Head.available():
+        pytest.skip("the int8 screen is for packed fp32 layers on x86 with fbgemm")
+    monkeypatch.setattr(Int8Head, "MIN_PARAMS", 0)  # tiny heads are cheap in fp32
+    decoder = ContinuousDecoder(backend.model, backend.tokenizer, set(), packed_weights=True)
+    assert decoder.int8_head is None  # built at the first step of several rows
+    screened = []  # per step of several rows: did the screen choose (None: it gave up)
+    choose = decoder._int8_choice
+
+    def counted(*a):
+        chosen = choose(*a)
+        screened.append(chosen is not None)
+        return chosen
+
+    monkeypatch.setattr(decoder, "_int8_choice", counted)
+    results = {}
+    decoder.run([(i, p, []) for i, p in enumerate(PROMPTS)], max_rows=3, max_new_tokens=10,
+                repetition_penalty=penalty, on_result=results.__setitem__)
+    assert isinstance(decoder.int8_head, Int8Head) and len(screened) > 10 and all(screened)
+    for i, p in enumerate(PROMPTS):
+        want = backend.tokenizer.decode(_reference(backend, p, 10, penalty, None), skip_special_tokens=True)
+        assert results[i].text == want, p
+
+
+def test_int8_screen_bound_holds_and_keeps_the_argmax():
+    """Every token's int8 bound is at least its exact logit (in float64), on an output layer
+    with large rows, near ties and hidden states with outlier channels (also channels that were
+    not outliers when the screen was built), so the exact argmax always reaches the bar."""
+    from lidr.head import Int8Head
+
+    if not Int8Head.available():
+        pytest.skip("fbgemm's int8 kernels are not in this torch build")
+    torch.manual_seed(0)
+    w = torch.randn(70_000, 256) * 0.04  # three blocks of 32768 rows, the last one partial
+    w[7] = w[3] + 1e-6  # a near tie
+    w[11] *= 30  # a large row
+    w[12] = 0  # an all-zero row
+    calibration = torch.randn(4, 256) * 5
+    calibration[:, :8] = 150
+    head = Int8Head(w, calibration)
+    assert set(head.outliers.tolist()) >= set(range(8))
+    for scale in (1.0, 10.0, 100.0):
+        for shift in (0, 100):  # shift: outliers in channels the screen did not take for outliers
+            h = torch.randn(6, 256) * scale
+            h[:, :8] += 150
+            h[:, 100:104] += shift
+            h[0] = w[3].sign() * scale * 4  # tokens 3 and 7 at the top
+            # the worst case for token 5: every weight's rounding error counts the same way
+            s5 = head.extra[-1, 5]
+            h[1] = (w[5] - s5 * (w[5] / s5).round()).sign() * scale
+            h[1, head.outliers] = 0
+            upper, slack = head.upper(h)
+            exact = h.double() @ w.double().T
+            assert bool((upper.double() >= exact - 1e-9).all())
+            bar = exact.gather(1, upper.topk(4, dim=1).indices).amax(1, keepdim=True) - slack.double()[:, None]
+            winners = exact.argmax(1)
+            assert bool((upper.double().gather(1, winners[:, None]) >= bar).all())
+            if shift == 0:  # a tight screen when the outliers are where they were
+                assert int((upper.double() >= bar).sum(1).max()) < 2000
+
+
+@pytest.mark.slow
+def test_real_model_int8_screen_gives_the_same_answers():
+    """The embedded gemma-3-270m (262k-token output layer, outlier channels in its final hidden
+    states): the int8 screen chooses every token of several-row steps itself (no fp32 fallback)
+    and the answers are those of the fp32 output layer."""
+    from lidr.head import Int8Head
+    from lidr.models import resolve_model
+    from lidr.templates import choose_format
+
+    if not Int8Head.available():
+        pytest.skip("fbgemm's int8 kernels are not in this torch build")
+    import json
+    from importlib.resources import files
+
+    rows = [json.loads(line) for line in files("lidr").joinpath("data/demo_prompts.jsonl").read_text().splitlines()]
+    b = HFBackend(resolve_model("gemma-3-270m"), dtype="float32", device="cpu", packed_weights=True)
+    try:
+        fmt = choose_format(b.tokenizer, "auto")
+        items = [((r["id"], lang), fmt.response_prompt(r["translations"][lang], lang), fmt.response_stops(lang))
+                 for r in rows[:2] for lang in ("en", "es", "de", "fr")]
+        dec, answers, screened = b.decoder, {}, []
+        choose = dec._int8_choice
+        dec._int8_choice = lambda *a: screened.append(choose(*a)) or screened[-1]
+        for name in ("int8", "fp32"):
+            got = {}
+            b.run_batched(items, batch_size=8, max_new_tokens=24, repetition_penalty=1.1, on_result=got.__setitem__)
+            answers[name] = got
+            dec.int8_head = False  # the second run: fp32 only
+        assert len(screened) > 10 and all(c is not None for c in screened)
+        assert answers["int8"] == answers["fp32"]
+    finally:
+        b.close()

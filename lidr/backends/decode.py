@@ -29,6 +29,7 @@ inside the sliding window; with any other cache the batch drains before the next
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 from collections import deque
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from lidr import packed_linear
-from lidr.head import HalfHead, logits_t
+from lidr.head import HalfHead, Int8Head, logits_t
 
 
 @dataclass
@@ -51,6 +52,7 @@ MIN_SHARED = 16  # tokens two prompts must share before their prefix runs once f
 PREFILL_ROWS = 16  # prompts (or their unshared rests) of similar length run through the model together
 LOOKUP_NGRAM = 3  # a lone row's last 3 tokens are looked up earlier in its prompt and answer ...
 LOOKUP_TOKENS = 10  # ... and up to 10 tokens that followed them are checked in one step
+REFERENCES = 4  # tokens with the highest int8 bounds whose exact logits set the screen's bar
 
 
 class Request(NamedTuple):
@@ -96,7 +98,7 @@ class ContinuousDecoder:
         self.model, self.tokenizer, self.eos_ids = model, tokenizer, eos_ids
         self.pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
         self.device = next(model.parameters()).device
-        self.new_cache = lambda: DynamicCache(config=model.config)
+        self.new_cache = lambda: _growing(DynamicCache(config=model.config))
         self.body = model.base_model if model.base_model is not model else None
         head = model.get_output_embeddings()
         self.head_weight = head.weight if head is not None else None
@@ -113,6 +115,13 @@ class ContinuousDecoder:
             self.packed_head = None  # the model's own forward computes the logits
             self.packed_layers -= 1
         self.half_head = self._half_head() if self.own_head else None
+        # an int8 screen for steps of several rows (`_int8_choice`): None until the first such step
+        # builds it from that step's hidden states, False where it is not used
+        w = self.head_weight
+        self.int8_head = None if (packed_weights and self.own_head and self.device.type == "cpu"
+                                  and w.dtype == torch.float32 and self.head_bias is None
+                                  and w.numel() >= Int8Head.MIN_PARAMS and Int8Head.available()) else False
+        self.int8_build_seconds = 0.0  # time spent building it (for the benchmarks' accounting)
         self.lookup = True  # prompt lookup for a lone row (see _draft)
 
     # -- one forward pass: the next token of every row -------------------------------------------
@@ -126,6 +135,12 @@ class ContinuousDecoder:
         h = self.body(**kw).last_hidden_state[:, -1]
         if self.half_head is not None and len(h) == 1 and float(h.abs().max()) < 6e4:
             return self._screened_choice(h, seen, penalty)
+        if len(h) > 1 and self.int8_head is not False and bool(torch.isfinite(h).all()):
+            if self.int8_head is None:
+                self._build_int8_head(h)
+            chosen = self._int8_choice(h, seen, penalty)
+            if chosen is not None:
+                return chosen
         return _choose(self._head(h), seen, penalty)
 
     def _head(self, h: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
@@ -166,6 +181,49 @@ class ContinuousDecoder:
             hit = torch.isin(cand, seen[0])
             s[hit] = torch.where(s[hit] < 0, s[hit] * p, s[hit] / p)
         return cand[exact.argmax(-1)]
+
+    def _build_int8_head(self, h: torch.Tensor) -> None:
+        import time
+
+        start = time.perf_counter()
+        self.int8_head = Int8Head(self.head_weight, h)
+        self.int8_build_seconds += time.perf_counter() - start
+
+    def _int8_choice(self, h: torch.Tensor, seen, penalty) -> torch.Tensor | None:
+        """The greedy choice of several rows, exact, with the output layer run in int8 (lidr/head.py,
+        Int8Head): each token's bound is at least its exact logit, so the exact logit of any
+        token (minus the rounding slack) is a bar that the winner's bound must reach; only tokens
+        that reach it get exact fp32 logits. Soft-capping and the penalty are monotone, so
+        they keep bounds bounds (the penalty scales the slack by at most max(p, 1/p)).
+        None (the caller runs the fp32 output layer) if too many tokens reach the bar."""
+        upper, slack = self.int8_head.upper(h)
+        if self.softcap:
+            upper = torch.tanh(upper / self.softcap) * self.softcap
+        if penalty is not None:
+            _penalize(upper, seen, penalty)
+            slack = slack * torch.maximum(penalty, 1 / penalty)[:, 0]
+        # the bar: the best exact logit of the REFERENCES tokens with the highest bounds (a token
+        # with a loose bound can top the bounds with a poor logit)
+        best = upper.topk(min(REFERENCES, upper.shape[1]), dim=1).indices
+        flat = best.unique()
+        bar = self._exact_logits(h, flat, seen, penalty).gather(1, torch.searchsorted(flat, best)).amax(1) - slack
+        tokens = (upper >= bar[:, None]).nonzero()[:, 1].unique()  # sorted: ties go to the lowest id, as in argmax
+        if len(tokens) > max(upper.shape[1] // 16, 256):  # then the full fp32 product is as cheap
+            return None
+        return tokens[self._exact_logits(h, tokens, seen, penalty).argmax(1)]
+
+    def _exact_logits(self, h: torch.Tensor, tokens: torch.Tensor, seen, penalty) -> torch.Tensor:
+        """fp32 logits [rows, k] of the vocabulary ids `tokens` (sorted, distinct) for every row,
+        soft-capped and with the repetition penalty on the tokens each row has seen."""
+        logits = self._head(h, tokens)
+        if penalty is not None:
+            n = len(tokens)
+            at = torch.searchsorted(tokens, seen).clamp_(max=n - 1)
+            hit = torch.zeros(len(h), n + 1, dtype=torch.bool, device=h.device)  # column n: seen ids not in tokens
+            hit.scatter_(1, torch.where(tokens[at] == seen, at, n), True)
+            hit = hit[:, :n]
+            logits = torch.where(hit, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+        return logits
 
     def _own_head_matches(self) -> bool:
         """Our head (body + output layer) must give the model's own logits; a model with
@@ -470,15 +528,98 @@ class ContinuousDecoder:
 def _sliding_window(cache) -> int | None | bool:
     """The smallest sliding window of the cache's layers; None without one; False when a layer
     is of a kind the decoder does not pad (shared prefixes are then off)."""
-    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
-
+    growing, growing_sliding = _layer_classes()
     windows = []
     for layer in cache.layers:
-        if type(layer) is DynamicSlidingWindowLayer:
+        if type(layer) is growing_sliding:
             windows.append(layer.sliding_window)
-        elif type(layer) is not DynamicLayer:
+        elif type(layer) is not growing:
             return False
     return min(windows, default=None)
+
+
+# -- the KV cache: room to grow, so a step writes only its new tokens ----------------------------
+
+def _growing(cache):
+    """`cache` with each plain `DynamicLayer` / `DynamicSlidingWindowLayer` replaced by its
+    growing twin (`_layer_classes`); other kinds of layers stay."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    growing, growing_sliding = _layer_classes()
+    for i, layer in enumerate(cache.layers):
+        if type(layer) is DynamicLayer:
+            cache.layers[i] = growing()
+        elif type(layer) is DynamicSlidingWindowLayer:
+            cache.layers[i] = growing_sliding(sliding_window=layer.sliding_window)
+    return cache
+
+
+def _grow_into(layer, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append a step's keys and values to the layer's, in place, and return the whole of each.
+
+    transformers' `DynamicLayer.update` concatenates: every decoding step copies the whole KV
+    cache of every layer (for 32 rows of ~200 tokens, 236 MB per step for gemma-3-270m; a
+    quarter of an 8-row step's time in a profile, bench/README.md round 9). Here the layer's
+    keys and values are views of buffers with room to spare, and a step writes only its new
+    positions. Whatever else replaces `layer.keys` (rows leaving, a join, `crop`, a copied
+    prefix) is taken into a new buffer on the next append, once; a view that still starts at
+    the buffer's first row and position (rows cut off the end, positions cropped) is kept."""
+    old_k, old_v = layer.keys, layer.values
+    n = old_k.shape[-2] if old_k is not None and old_k.numel() else 0
+    total = n + keys.shape[-2]
+    buf = getattr(layer, "_buffers", None)
+    if buf is None or n and not (_starts(old_k, buf[0]) and _starts(old_v, buf[1])) or total > buf[0].shape[-2] \
+            or buf[0].shape[0] < keys.shape[0] or buf[0].shape[1:2] + buf[0].shape[3:] != keys.shape[1:2] + keys.shape[3:] \
+            or buf[0].dtype != keys.dtype or buf[0].device != keys.device:
+        rows, heads, _, dim = keys.shape
+        room = total + max(64, total // 2)  # grows by half: each position is copied O(1) times
+        new = (keys.new_empty(rows, heads, room, dim), values.new_empty(rows, heads, room, values.shape[-1]))
+        if n:
+            new[0][:, :, :n] = old_k
+            new[1][:, :, :n] = old_v
+        buf = layer._buffers = new
+    rows = keys.shape[0]
+    buf[0][:rows, :, n:total] = keys
+    buf[1][:rows, :, n:total] = values
+    return buf[0][:rows, :, :total], buf[1][:rows, :, :total]
+
+
+def _starts(view: torch.Tensor, buf: torch.Tensor) -> bool:
+    """Is `view` buf[:rows, :, :n] for some rows and n (the same memory, strides and heads)?"""
+    return (view.data_ptr() == buf.data_ptr() and view.stride() == buf.stride() and view.dtype == buf.dtype
+            and view.shape[0] <= buf.shape[0] and view.shape[1] == buf.shape[1] and view.shape[3] == buf.shape[3]
+            and view.shape[2] <= buf.shape[2])
+
+
+@functools.cache
+def _layer_classes():
+    """The two growing layer classes (defined here so that transformers is imported only when
+    a decoder is made)."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    class GrowingLayer(DynamicLayer):
+        """`DynamicLayer` whose update writes into spare room instead of concatenating."""
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            self.keys, self.values = _grow_into(self, key_states, value_states)
+            return self.keys, self.values
+
+    class GrowingSlidingLayer(DynamicSlidingWindowLayer):
+        """`DynamicSlidingWindowLayer`, growing in place while the whole sequence fits in the
+        window (where the two keep and return the same states); past it, transformers' update."""
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            if self.record_past or self.cumulative_length + key_states.shape[-2] > self.sliding_window - 1:
+                return super().update(key_states, value_states, *args, **kwargs)
+            self.cumulative_length += key_states.shape[-2]
+            self.keys, self.values = _grow_into(self, key_states, value_states)
+            return self.keys, self.values
+
+    return GrowingLayer, GrowingSlidingLayer
 
 
 def _keep_rows(cache, keep: list[int], plain: bool, device) -> list[int]:
