@@ -116,7 +116,10 @@ class GenerationConfig(_Section):
             "backend hf on an x86-64 CPU (fp32): run the linear layers through oneDNN with weights reordered "
             "once (lidr/packed_linear.py; decoding steps of 4-32 rows 1.4-2x faster in "
             "bench/README.md; costs memory, one more copy of the weights: +1.06 GB RSS for gemma-3-270m; "
-            "skipped when twice that is not free). Also used by the translator's hf engine."
+            "skipped when twice that is not free). With it, an output layer of 16 M parameters or more also "
+            "gets an int8 copy (fbgemm) that screens the greedy choice of decoding steps of several rows, "
+            "exactly (lidr/head.py, Int8Head; about 0.2 GB and 2 s to build for gemma-3-270m, at the first "
+            "such step). Also used by the translator's hf engine."
         ),
     )
     server: EndpointConfig | None = Field(

@@ -6,6 +6,9 @@ matrix-multiply peak on the CPUs measured here (bench/profile_generate.py); `W @
 in blocks of 1024 vocabulary rows that stay in cache, is 1.3-4x faster for 4-256 rows
 (about the same for 1). Used
 by generation (`decode.py`) and, with a hand-written backward, by training (`train.py`).
+Generation's greedy choice needs only the winning token, so lower-precision copies screen the
+vocabulary and fp32 decides among the few tokens that can still win: `HalfHead` (fp16, one
+row) and `Int8Head` (int8, several rows).
 """
 
 from __future__ import annotations
@@ -241,6 +244,7 @@ class Int8Head:
         # `upper`), so that the blocks below are plain row slices: no column gather.
         l1, scale = w.new_empty(vocab), w.new_empty(vocab)
         q = torch.empty(vocab, d, dtype=torch.int8)
+        w_out = w.new_empty(vocab, k)  # the outlier channels' weights (a column gather, block by block)
         rows = 4096  # quantized at a time, into the same two buffers (new ones fault in every page)
         x, a = w.new_empty(rows, d), w.new_empty(rows, d)
         rest = w.new_ones(d)
@@ -255,22 +259,25 @@ class Int8Head:
             s.div_(127).clamp_(min=torch.finfo(torch.float32).tiny)  # an all-zero row: any scale
             torch.div(w[i:i + n], s[:, None], out=xb).mul_(rest)
             q[i:i + n] = xb.round_()
+            torch.index_select(w[i:i + n], 1, self.outliers, out=w_out[i:i + n])
         self.weight, self.d_rest = w, d - k
         # [w_O | |w_R|_1 | s]^T: the fp32 product adds the outlier channels' logits and the bound
-        self.extra = torch.cat([w[:, self.outliers], l1[:, None], scale[:, None]], 1).T.contiguous()
+        self.extra = torch.cat([w_out, l1[:, None], scale[:, None]], 1).T.contiguous()
         self.l1_max, self.s_max = float(l1.max()), float(scale.max())
         self.max_row_norm = float(w.norm(dim=1).max())
-        zero = torch.zeros(vocab, dtype=torch.long)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch.ao's deprecation notice for the quantized tensor
-            qw = torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0)
-        engine = torch.backends.quantized.engine
+        zero, scale64 = torch.zeros(vocab, dtype=torch.long), scale.double()
         blocks = list(range(0, vocab, self.BLOCK))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.ao's deprecation notice for quantized tensors
+            quantized = [torch._make_per_channel_quantized_tensor(q[i:i + self.BLOCK], scale64[i:i + self.BLOCK],
+                                                                 zero[i:i + self.BLOCK], 0) for i in blocks]
+        del q
+        engine = torch.backends.quantized.engine
         self.packed: list = [None] * len(blocks)
 
         def pack(which):  # fbgemm's packing of one block runs on one core; two threads halve it
             for j in which:
-                self.packed[j] = torch.ops.quantized.linear_prepack(qw[blocks[j]:blocks[j] + self.BLOCK], None)
+                self.packed[j] = torch.ops.quantized.linear_prepack(quantized[j], None)
 
         try:
             torch.backends.quantized.engine = "fbgemm"

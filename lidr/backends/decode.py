@@ -17,7 +17,11 @@ What makes the work smaller, each exact (tests/test_decode.py checks every one a
   oneDNN with its weights reordered once (lidr/packed_linear.py: decoding steps of 4-32 rows
   took 1.4-2x less time than through MKL), else the output layer is a blockwise `W @ h.T`
   (lidr/head.py); for a single row, an fp16 copy screens the vocabulary and only the tokens
-  that can still win get exact fp32 logits (`_screened_choice`);
+  that can still win get exact fp32 logits (`_screened_choice`); for several rows, an int8
+  copy gives every token a bound on its logit, and only tokens whose bound reaches an exact
+  logit get exact fp32 logits (`_int8_choice`);
+- the KV cache grows in place: a step writes its new positions into spare room instead of
+  concatenating (which copies the whole cache every step; `_growing`);
 - the tail of a run, where one long answer decodes alone: guesses of its next tokens from its
   own prompt and answer are checked in one forward (prompt lookup decoding, `_draft`).
 
