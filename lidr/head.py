@@ -201,7 +201,8 @@ class Int8Head:
     faster than the packed fp32 one on the decoding steps of bench/generate.py. Its result is not
     fp32's, so it only screens: `upper(h)` is, for every row and token, at least the exact logit
     (a bound, not an estimate), and the decoder computes exact fp32 logits only for the tokens
-    whose bound reaches the exact logit of the best-looking one (`ContinuousDecoder._int8_choice`).
+    whose bound reaches the best exact logit of the few with the highest bounds
+    (`ContinuousDecoder._int8_choice`).
 
     The bound. The weights (outside a few outlier channels) are rounded per vocabulary row v to
     s_v q_v with q_v in [-127, 127] (|error| <= s_v / 2 each); fbgemm rounds the activations h of
@@ -211,9 +212,10 @@ class Int8Head:
     one bound per row and token, made of two products of a row's number and a token's. Gemma 3's
     final hidden states have a few channels 5-10x larger than the rest (up to 154 against a median
     channel maximum of 15 on the demo); with them in t the bound grew tenfold, so the `OUTLIERS`
-    largest channels of the rows that first reach the screen stay out of the int8 product and
-    run in fp32, in the same product as the bound's two terms: [h_O, t/2, c_b] @ [w_O, |w_R|_1, s]^T
-    added to the int8 result. On the demo's decoding steps a row kept 13 candidate tokens (median;
+    largest channels of the rows that first reach the screen are zeros in the int8 product and
+    run in fp32 instead, in the same product as the bound's two terms:
+    [h_O, t/2, c_b] @ [w_O, |w_R|_1, s]^T added to the int8 result. A channel that turns out
+    large later only loosens the bound (more candidates), never breaks it. On the demo's decoding steps a row kept 13 candidate tokens (median;
     at most 765) of 262,144.
     """
 
