@@ -22,12 +22,17 @@ from torch import nn
 _OPS = ("_linear_pointwise", "_reorder_linear_weight")
 
 
+def on_x86() -> bool:
+    """The CPU is x86-64: where lidr's CPU kernels (oneDNN here, fbgemm in lidr/head.py) were
+    measured (AVX2, AMD EPYC: bench/README.md)."""
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
 def available() -> bool:
-    """The operators exist and the CPU is x86-64, where they were measured faster (AVX2, AMD
-    EPYC: bench/README.md). Elsewhere (ARM: oneDNN's kernels there were not measured) the
-    layers stay plain."""
+    """The operators exist and the CPU is x86-64, where they were measured faster. Elsewhere
+    (ARM: oneDNN's kernels there were not measured) the layers stay plain."""
     mkldnn = getattr(torch.ops, "mkldnn", None)
-    return (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+    return (on_x86() and torch.backends.mkldnn.is_available()
             and all(hasattr(mkldnn, op) for op in _OPS))
 
 
@@ -118,4 +123,4 @@ def memory_available() -> int | None:
     return None
 
 
-__all__ = ["available", "eligible", "linear", "memory_available", "pack", "pack_weight", "unpack"]
+__all__ = ["available", "eligible", "linear", "memory_available", "on_x86", "pack", "pack_weight", "unpack"]

@@ -516,3 +516,40 @@ def test_real_model_int8_screen_gives_the_same_answers():
         assert answers["int8"] == answers["fp32"]
     finally:
         b.close()
+
+
+def test_int8_bound_is_reached_by_the_worst_cases():
+    """The two rounding terms of the int8 bound are each reached (within a few %) by an input
+    made to reach them, so neither can be smaller: a token whose every weight rounds by almost
+    s/2 the same way (weight term), and a row whose every activation rounds by almost t/2
+    (activation term). The bound still holds on both."""
+    from lidr.head import Int8Head
+
+    if not Int8Head.available():
+        pytest.skip("fbgemm's int8 kernels are not in this torch build")
+    torch.manual_seed(0)
+    d, sigma, tau = 256, 1e-3, 0.05
+    w = torch.randn(40_000, d) * 0.04
+    calibration = torch.randn(4, d)
+    calibration[:, :8] = 150
+    head = Int8Head(w, calibration)
+    rest = torch.ones(d, dtype=torch.bool)
+    rest[head.outliers] = False
+    c0 = int(rest.nonzero()[0])  # the channel that sets each scale
+    w[5] = 0.499 * sigma  # rounds to 0: every weight off by 0.499 of its scale sigma
+    w[5, c0] = 127 * sigma
+    w[6] = torch.randint(1, 128, (d,)) * sigma  # on the grid of its scale: no weight error
+    w[6, c0] = 127 * sigma
+    head = Int8Head(w, calibration)
+    assert torch.equal(head.outliers, (~rest).nonzero()[:, 0])
+    h = torch.zeros(2, d)
+    h[0, rest] = 127 * tau  # on the activations' grid (t = tau): no activation error
+    h[1, rest] = 0.499 * tau  # rounds to 0: every activation off by 0.499 t
+    h[1, c0] = 127 * tau
+    upper, _ = head.upper(h)
+    exact = h.double() @ w.double().T
+    worst = [(h[0, rest].double() * w[5, rest].double()).sum() - h[0, c0].double() * w[5, c0],  # q = 0 but at c0
+             (h[1, rest].double() * w[6, rest].double()).sum() - h[1, c0].double() * w[6, c0]]  # h = 0 but at c0
+    for row, token in ((0, 5), (1, 6)):
+        gap = float(upper[row, token].double() - exact[row, token])
+        assert 0 <= gap <= 0.05 * float(worst[row]), (row, gap, float(worst[row]))

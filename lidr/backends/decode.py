@@ -178,13 +178,8 @@ class ContinuousDecoder:
             p = float(penalty[0, 0])
             _penalize(approx, seen, penalty)
             eps *= max(p, 1 / p)
-        cand = (approx[0] >= approx[0].max() - 2 * eps).nonzero()[:, 0]
-        exact = self._head(h, cand)
-        if penalty is not None:
-            s = exact[0]
-            hit = torch.isin(cand, seen[0])
-            s[hit] = torch.where(s[hit] < 0, s[hit] * p, s[hit] / p)
-        return cand[exact.argmax(-1)]
+        cand = (approx[0] >= approx[0].max() - 2 * eps).nonzero()[:, 0]  # sorted, distinct
+        return cand[self._exact_logits(h, cand, seen, penalty).argmax(-1)]
 
     def _build_int8_head(self, h: torch.Tensor) -> None:
         import time
@@ -572,9 +567,8 @@ def _grow_into(layer, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.T
     n = old_k.shape[-2] if old_k is not None and old_k.numel() else 0
     total = n + keys.shape[-2]
     buf = getattr(layer, "_buffers", None)
-    if buf is None or n and not (_starts(old_k, buf[0]) and _starts(old_v, buf[1])) or total > buf[0].shape[-2] \
-            or buf[0].shape[0] < keys.shape[0] or buf[0].shape[1:2] + buf[0].shape[3:] != keys.shape[1:2] + keys.shape[3:] \
-            or buf[0].dtype != keys.dtype or buf[0].device != keys.device:
+    if not (buf is not None and _holds(buf[0], keys, total) and _holds(buf[1], values, total)
+            and (n == 0 or _starts(old_k, buf[0]) and _starts(old_v, buf[1]))):
         rows, heads, _, dim = keys.shape
         room = total + max(64, total // 2)  # grows by half: each position is copied O(1) times
         new = (keys.new_empty(rows, heads, room, dim), values.new_empty(rows, heads, room, values.shape[-1]))
@@ -588,11 +582,16 @@ def _grow_into(layer, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.T
     return buf[0][:rows, :, :total], buf[1][:rows, :, :total]
 
 
+def _holds(buf: torch.Tensor, new: torch.Tensor, total: int) -> bool:
+    """Can `buf` hold `total` positions of `new`'s rows, heads, size and kind?"""
+    return (buf.dtype == new.dtype and buf.device == new.device and buf.shape[0] >= new.shape[0]
+            and buf.shape[1] == new.shape[1] and buf.shape[2] >= total and buf.shape[3] == new.shape[3])
+
+
 def _starts(view: torch.Tensor, buf: torch.Tensor) -> bool:
     """Is `view` buf[:rows, :, :n] for some rows and n (the same memory, strides and heads)?"""
-    return (view.data_ptr() == buf.data_ptr() and view.stride() == buf.stride() and view.dtype == buf.dtype
-            and view.shape[0] <= buf.shape[0] and view.shape[1] == buf.shape[1] and view.shape[3] == buf.shape[3]
-            and view.shape[2] <= buf.shape[2])
+    return (view.data_ptr() == buf.data_ptr() and view.stride() == buf.stride() and view.shape[0] <= buf.shape[0]
+            and view.shape[1] == buf.shape[1] and view.shape[2] <= buf.shape[2] and view.shape[3] == buf.shape[3])
 
 
 @functools.cache
