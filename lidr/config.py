@@ -119,7 +119,8 @@ class GenerationConfig(_Section):
             "skipped when twice that is not free). With it, an output layer of 16 M parameters or more also "
             "gets an int8 copy (fbgemm) that screens the greedy choice of decoding steps of several rows, "
             "exactly (lidr/head.py, Int8Head; about 0.2 GB and 2 s to build for gemma-3-270m, at the first "
-            "such step). Also used by the translator's hf engine."
+            "such step; kept for the process's later backends whose output layer has the same bytes, as LoRA "
+            "leaves it). Also used by the translator's hf engine."
         ),
     )
     server: EndpointConfig | None = Field(

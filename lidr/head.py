@@ -193,6 +193,24 @@ class HalfHead:
         return best(lambda: half @ h.half().T) < 0.8 * best(lambda: fp32_head(h))
 
 
+def fingerprint(t: torch.Tensor) -> bytes:
+    """SHA-256 of a CPU tensor's shape, dtype and bytes, hashed in two halves on two threads
+    (hashlib lets go of the GIL): 0.2-0.3 s for gemma-3-270m's 671 MB output layer."""
+    import hashlib
+    import threading
+
+    data = t.detach().contiguous().view(-1).view(torch.uint8).numpy()
+    half = len(data) // 2
+    parts = [hashlib.sha256(), hashlib.sha256()]
+    threads = [threading.Thread(target=parts[i].update, args=(data[i * half:len(data) if i else half],))
+               for i in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return hashlib.sha256(f"{tuple(t.shape)} {t.dtype}".encode() + parts[0].digest() + parts[1].digest()).digest()
+
+
 class Int8Head:
     """An int8 copy of a bias-free fp32 output layer, for screening the greedy choice of several
     rows at once (decoding steps of 2-64 rows), exactly.
@@ -223,6 +241,28 @@ class Int8Head:
     OUTLIERS = 32  # channels kept in fp32
     BLOCK = 32768  # vocabulary rows per packed block (packed on two threads; see `__init__`)
     MIN_PARAMS = 1 << 24  # smaller output layers are cheap enough in fp32
+
+    # The last one built in this process, under its weight's fingerprint (`of`).
+    _last: tuple[bytes, "Int8Head"] | None = None
+
+    @classmethod
+    def of(cls, weight: torch.Tensor, h: torch.Tensor) -> "Int8Head":
+        """The int8 copy of `weight`: the last one built in this process if `weight` holds the
+        same bytes, else a new one (which replaces it). LoRA training leaves the output layer as
+        it was, so every iteration's model and every evaluation reuses the first build: the
+        fingerprint takes 0.2-0.3 s for gemma-3-270m, the build 2.1-2.5 s. The copy kept
+        (about 0.2 GB) stays in memory between backends; `forget` frees it."""
+        key = fingerprint(weight)
+        if cls._last is not None and cls._last[0] == key:
+            return cls._last[1]
+        cls._last = None  # free the old copy before building the new one
+        head = cls(weight, h)
+        cls._last = (key, head)
+        return head
+
+    @classmethod
+    def forget(cls) -> None:
+        cls._last = None
 
     @staticmethod
     def available() -> bool:

@@ -264,6 +264,7 @@ def test_lone_row_guesses_ahead_and_keeps_the_greedy_answer(backend, penalty, mo
     included)."""
     repeating = "<s> one two three four five one two three four five one two three four five one two"
     prompts = [repeating, "<s> the cat sat on the mat the cat sat on the mat the cat", PROMPTS[1]]
+    monkeypatch.setattr(backend.decoder, "eos_ids", set())  # as the reference: no EOS
     verified = []
     verify = backend.decoder._verify
     monkeypatch.setattr(backend.decoder, "_verify",
@@ -447,6 +448,35 @@ def test_int8_screened_output_layer_gives_the_same_tokens(backend, penalty, monk
         assert results[i].text == want, p
 
 
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_int8_screen_checks_a_lone_rows_guesses(backend, penalty, monkeypatch):
+    """A lone row's guesses (prompt lookup) are checked through the int8 screen, each position
+    a row with the guesses before it counted for the penalty, and the answer is `generate`'s."""
+    from lidr.backends.decode import ContinuousDecoder
+    from lidr.head import Int8Head
+
+    if backend.decoder.packed_layers == 0 or not Int8Head.available():
+        pytest.skip("the int8 screen is for packed fp32 layers on x86 with fbgemm")
+    if backend.kind == "gemma3":
+        pytest.skip("past its short window the cache cannot take guesses back")
+    monkeypatch.setattr(Int8Head, "MIN_PARAMS", 0)
+    decoder = ContinuousDecoder(backend.model, backend.tokenizer, set(), packed_weights=True)
+    checked = []  # positions screened together in a guess check
+    choose, verify = decoder._int8_choice, decoder._verify
+    monkeypatch.setattr(decoder, "_verify", lambda *a: checked.append(None) or verify(*a))
+    monkeypatch.setattr(decoder, "_int8_choice", lambda h, *a: checked and checked.append(len(h)) or choose(h, *a))
+    prompts = ["<s> one two three four five one two three four five one two three four five one two",
+               "<s> the cat sat on the mat the cat sat on the mat the cat"]
+    results = {}
+    decoder.run([(i, p, []) for i, p in enumerate(prompts)], max_rows=1, max_new_tokens=20,
+                repetition_penalty=penalty, on_result=results.__setitem__)
+    assert any(n is not None and n > 1 for n in checked)
+    for i, p in enumerate(prompts):
+        want = backend.tokenizer.decode(_reference(backend, p, 20, penalty, None), skip_special_tokens=True)
+        assert results[i].text == want, p
+    Int8Head.forget()
+
+
 def test_int8_screen_bound_holds_and_keeps_the_argmax():
     """Every token's int8 bound is at least its exact logit (in float64), on an output layer
     with large rows, near ties and hidden states with outlier channels (also channels that were
@@ -553,3 +583,31 @@ def test_int8_bound_is_reached_by_the_worst_cases():
     for row, token in ((0, 5), (1, 6)):
         gap = float(upper[row, token].double() - exact[row, token])
         assert 0 <= gap <= 0.05 * float(worst[row]), (row, gap, float(worst[row]))
+
+
+def test_int8_copy_is_reused_for_the_same_output_layer_only():
+    """A later backend whose output layer holds the same bytes (every iteration's model under
+    LoRA) gets the int8 copy already built; one changed weight builds a new copy, whose
+    bounds hold for the changed layer."""
+    from lidr.head import Int8Head, fingerprint
+
+    if not Int8Head.available():
+        pytest.skip("fbgemm's int8 kernels are not in this torch build")
+    torch.manual_seed(0)
+    w = torch.randn(40_000, 128) * 0.04
+    h = torch.randn(3, 128)
+    try:
+        first = Int8Head.of(w, h)
+        assert Int8Head.of(w.clone(), h * 2) is first  # another tensor, the same bytes
+        changed = w.clone()
+        changed[31_000, 5] += 1.0  # one weight, in the last block
+        assert fingerprint(changed) != fingerprint(w)
+        assert fingerprint(w.view(128, 40_000)) != fingerprint(w)  # the shape counts too
+        second = Int8Head.of(changed, h)
+        assert second is not first and Int8Head.of(changed, h) is second
+        upper, _ = second.upper(h)
+        exact = h.double() @ changed.double().T
+        assert float(upper[:, 31_000].double().sub(exact[:, 31_000]).min()) >= 0  # the bound of the changed row
+        assert Int8Head.of(w, h) is not first  # only the last copy is kept
+    finally:
+        Int8Head.forget()

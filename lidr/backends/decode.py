@@ -19,11 +19,13 @@ What makes the work smaller, each exact (tests/test_decode.py checks every one a
   (lidr/head.py); for a single row, an fp16 copy screens the vocabulary and only the tokens
   that can still win get exact fp32 logits (`_screened_choice`); for several rows, an int8
   copy gives every token a bound on its logit, and only tokens whose bound reaches an exact
-  logit get exact fp32 logits (`_int8_choice`);
+  logit get exact fp32 logits (`_int8_choice`; built once per process for an output layer,
+  which LoRA leaves as it was: lidr/head.py, `Int8Head.of`);
 - the KV cache grows in place: a step writes its new positions into spare room instead of
   concatenating (which copies the whole cache every step; `_growing`);
 - the tail of a run, where one long answer decodes alone: guesses of its next tokens from its
-  own prompt and answer are checked in one forward (prompt lookup decoding, `_draft`).
+  own prompt and answer are checked in one forward (prompt lookup decoding, `_draft`), its
+  positions screened by the int8 copy like the rows of a step (`_verify`).
 
 New rows join a running batch by left-padding the shorter of the two KV caches to the other's
 length. That is done only for plain `DynamicLayer` / `DynamicSlidingWindowLayer` caches still
@@ -136,7 +138,11 @@ class ContinuousDecoder:
         kw = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, self.cache_kw: cache, "use_cache": True}
         if not self.own_head:
             return _choose(self.model(**kw, logits_to_keep=1).logits[:, -1].float(), seen, penalty)
-        h = self.body(**kw).last_hidden_state[:, -1]
+        return self._choose_from(self.body(**kw).last_hidden_state[:, -1], seen, penalty)
+
+    def _choose_from(self, h: torch.Tensor, seen, penalty) -> torch.Tensor:
+        """The greedy next token of each row of final hidden states `h` [rows, hidden] (our own
+        output layer), screened by the fp16 (one row) or int8 (several rows) copy where there is one."""
         if self.half_head is not None and len(h) == 1 and float(h.abs().max()) < 6e4:
             return self._screened_choice(h, seen, penalty)
         if len(h) > 1 and self.int8_head is not False and bool(torch.isfinite(h).all()):
@@ -185,7 +191,7 @@ class ContinuousDecoder:
         import time
 
         start = time.perf_counter()
-        self.int8_head = Int8Head(self.head_weight, h)
+        self.int8_head = Int8Head.of(self.head_weight, h)
         self.int8_build_seconds += time.perf_counter() - start
 
     def _int8_choice(self, h: torch.Tensor, seen, penalty) -> torch.Tensor | None:
@@ -401,19 +407,17 @@ class ContinuousDecoder:
         full = torch.cat([mask, mask.new_ones(1, n - 1)], 1)
         pos = torch.arange(start, start + n, device=self.device)[None]
         kw = {"input_ids": ids, "attention_mask": full, "position_ids": pos, self.cache_kw: cache, "use_cache": True}
-        if self.own_head:
-            logits = self._head(self.body(**kw).last_hidden_state[0])
+        if penalty is not None:  # the guesses come from the row's prompt and answer: all in `seen`
+            seen, penalty = seen.expand(n, -1).contiguous(), penalty.expand(n, 1)
+        if self.own_head:  # the positions are screened like the rows of a step
+            best = self._choose_from(self.body(**kw).last_hidden_state[0], seen, penalty).tolist()
         else:
-            logits = self.model(**kw, logits_to_keep=n).logits[0].float()
+            best = _choose(self.model(**kw, logits_to_keep=n).logits[0].float(), seen, penalty).tolist()
         chosen = []
-        for j in range(n):
-            row_logits = logits[j:j + 1]
-            if penalty is not None:  # position j has also seen the guesses before it
-                _penalize(row_logits, torch.cat([seen, seen.new_tensor([draft[:j]])], 1), penalty)
-            t = int(row_logits.argmax(-1))
+        for j, t in enumerate(best):
             chosen.append(t)
             if j == len(draft) or t != draft[j]:
-                return chosen
+                break
         return chosen
 
     def _room(self, cache, n: int) -> bool:
