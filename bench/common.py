@@ -74,6 +74,36 @@ def matmul_gflops(dtype_name: str, n: int = 1024, seconds: float = 2.0) -> float
             return 2 * n ** 3 * reps / elapsed / 1e9
 
 
+def int8_gops(n: int = 1024, seconds: float = 1.0) -> float:
+    """Measured int8 product rate (GOP/s, multiply-adds x 2) of fbgemm's `quantized::linear_dynamic`
+    (the kernel of lidr's int8 output layer, lidr/head.py) on n x n weights and n rows; nan
+    where fbgemm is missing."""
+    import torch
+
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        return float("nan")
+    import warnings
+
+    engine, torch.backends.quantized.engine = torch.backends.quantized.engine, "fbgemm"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.ao's deprecation notice for quantized tensors
+            w = torch.quantize_per_channel(torch.randn(n, n), torch.full((n,), 0.01, dtype=torch.double),
+                                           torch.zeros(n, dtype=torch.long), 0, torch.qint8)
+        packed = torch.ops.quantized.linear_prepack(w, None)
+        x = torch.randn(n, n)
+        torch.ops.quantized.linear_dynamic(x, packed, True)  # warm-up
+        reps, start = 0, time.perf_counter()
+        while True:
+            torch.ops.quantized.linear_dynamic(x, packed, True)
+            reps += 1
+            elapsed = time.perf_counter() - start
+            if elapsed >= seconds:
+                return 2 * n ** 3 * reps / elapsed / 1e9
+    finally:
+        torch.backends.quantized.engine = engine
+
+
 def memory_gbps(mb: int = 512, seconds: float = 1.5) -> float:
     """Measured read bandwidth (GB/s): summing a large fp32 tensor."""
     import torch

@@ -32,6 +32,13 @@ Round 9:
   the new position written into spare room), on a cache of the demo's size (32 rows, 200
   positions, the model's layers), one step at a time; the returned states compared.
 
+Round 10:
+
+- the int8 copy of the output layer for a later backend (every iteration's model under LoRA has
+  its first model's output layer): building it again (`Int8Head(w, h)`, what each backend did
+  in round 9) against `Int8Head.of(w, h)` with the copy already built (a SHA-256 of the weight
+  finds it); the bounds of both copies compared on hidden states.
+
 Each pair runs alternately, `--rounds` times; the table gives the median.
 
     .venv/bin/python bench/fixed_costs.py              # about 1.5 minutes on 2 cores
@@ -263,6 +270,32 @@ def append_costs(model_dir: Path, rounds: int, rows: int = 32, length: int = 200
     return {k: statistics.median(v) for k, v in times.items()} | {"same_states": same}
 
 
+def int8_copy_costs(model_dir: Path, rounds: int) -> dict:
+    import torch
+
+    from lidr.head import Int8Head
+    from lidr.models import load_model
+
+    if not Int8Head.available():
+        return {"build": float("nan"), "reuse": float("nan"), "same_bounds": None}
+    weight = load_model(model_dir, dtype="float32", device="cpu").get_output_embeddings().weight.detach()
+    torch.manual_seed(0)
+    h = torch.randn(8, weight.shape[1]) * 5
+    times: dict[str, list[float]] = {"build": [], "reuse": []}
+    same = True
+    Int8Head.of(weight, h)  # the copy an earlier backend built
+    for _ in range(rounds):
+        seconds, built = timed(lambda: Int8Head(weight, h))
+        times["build"].append(seconds)
+        copy = weight.clone()  # the next model's output layer: the same bytes, another tensor
+        seconds, kept = timed(lambda: Int8Head.of(copy, h))
+        times["reuse"].append(seconds)
+        same = same and torch.equal(built.upper(h)[0], kept.upper(h)[0])
+        del built, copy
+    Int8Head.forget()
+    return {k: statistics.median(v) for k, v in times.items()} | {"same_bounds": same}
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)  # PEFT calls a renamed transformers method
@@ -288,6 +321,7 @@ def main(argv=None) -> None:
     collect = collect_costs(args.rounds, lambda: lora_model(model_dir))
     compaction = compaction_costs(model_dir, args.rounds)
     append = append_costs(model_dir, args.rounds)
+    int8 = int8_copy_costs(model_dir, args.rounds)
     tracked = collect["tracked"]
 
     rows = [
@@ -306,13 +340,15 @@ def main(argv=None) -> None:
          "_keep_rows", round(compaction["lidr"], 4), f"{compaction['transformers'] / compaction['lidr']:.1f}x"],
         ["step's cache update", "DynamicLayer (concatenates)", round(append["transformers"], 4),
          "growing layers", round(append["lidr"], 4), f"{append['transformers'] / append['lidr']:.1f}x"],
+        ["int8 output layer", "Int8Head built again", round(int8["build"], 2),
+         "Int8Head.of (kept copy)", round(int8["reuse"], 2), f"{int8['build'] / int8['reuse']:.1f}x"],
     ]
     print(f"medians of {args.rounds} alternating rounds; {tracked} objects tracked by gc in this process")
     print(common.table(["cost", "before", "s", "lidr", "s", "ratio"], rows))
     print(f"same ids on {len(texts)} demo prompts: {tok['same_ids']} (added tokens listed or not: {added['same_ids']}); "
           f"same merged weights: {merge['same_weights']}; same langid model: {lid['same_model']}; "
           f"same rows left in the {compaction['mb']:.0f} MB cache: {compaction['same_rows']}; "
-          f"same states after a step: {append['same_states']}")
+          f"same states after a step: {append['same_states']}; same int8 bounds: {int8['same_bounds']}")
     print(common.keyvals({
         "tokenizer_plain_s": round(tok["plain"], 3), "tokenizer_lidr_s": round(tok["lidr"], 3), "merge_peft_s": round(merge["peft"], 3),
         "merge_lidr_s": round(merge["lidr"], 3), "gc_collect_s": round(collect["plain"], 3),
@@ -320,9 +356,11 @@ def main(argv=None) -> None:
         "tokenizer_listed_s": round(added["with"], 3), "langid_lzma_s": round(lid["py3langid"], 3),
         "langid_cached_s": round(lid["lidr"], 3), "row_leaves_transformers_s": round(compaction["transformers"], 4),
         "row_leaves_lidr_s": round(compaction["lidr"], 4), "cache_step_transformers_s": round(append["transformers"], 4),
-        "cache_step_lidr_s": round(append["lidr"], 4),
+        "cache_step_lidr_s": round(append["lidr"], 4), "int8_build_s": round(int8["build"], 3),
+        "int8_reuse_s": round(int8["reuse"], 3),
         "same_ids": tok["same_ids"] and added["same_ids"], "same_weights": merge["same_weights"],
         "same_langid": lid["same_model"], "same_rows": compaction["same_rows"], "same_states": append["same_states"],
+        "same_int8_bounds": int8["same_bounds"],
         "rounds": args.rounds,
     }))
 

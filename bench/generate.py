@@ -37,9 +37,11 @@ less than this, so a share can pass 100 %. llama.cpp computes on 4-bit weights, 
 this is a reference point, not a bound. (Before round 4 the output layer was counted for
 prompt tokens too, which put every share about 2x too high.) The roofline line takes lidr's
 own forwards as they ran (prefix, prefill chunks, decoding steps, guess checks) and gives
-each the longer of reading all fp32 weights once at the measured memory read rate and doing
-its arithmetic at that fp32 matmul rate: the least time any engine could run that schedule
-in, and so the most speedup it could give.
+each the longer of reading all its weights once at the measured memory read rate (the body's
+in fp32, the output layer's as that forward's screen read it: int8 for several rows, fp16 for
+one, else fp32) and doing its arithmetic at the measured rate (fp32 matmul; fbgemm's int8
+product for an int8-screened output layer): the least time any engine could run that schedule
+with those weights in, and so the most speedup it could give.
 
     .venv/bin/python bench/generate.py            # n=32, about 3-5 minutes on 2 cores
     .venv/bin/python bench/generate.py --n 2 --n-batch1 1 --max-new-tokens 8   # smoke test
@@ -91,34 +93,50 @@ def run_lidr(backend, items, batch_size, max_new, rep):
     backend.generate([p for _, p, _ in warm], max_new_tokens=2, stops=[s for *_, s in warm], repetition_penalty=rep)
     # Count the decoder's forward calls and the rows in each (one-token calls are decoding steps).
     # and the lone-row steps that check guessed tokens (prompt lookup: guessed, kept)
-    # Every forward also goes into `work`: (real tokens through the body, rows through the output layer).
+    # Every forward also goes into `work`: (real tokens through the body, rows through the output
+    # layer, bytes per output-layer weight read: 4 fp32, 2 the fp16 screen, 1 the int8 screen).
     dec, work = backend.decoder, []
     calls, forward = [], dec._step
+    head_bytes = [4]  # set by the screens during a forward
+    int8_choice, half_choice = dec._int8_choice, dec._screened_choice
+
+    def int8(*a):
+        chosen = int8_choice(*a)
+        head_bytes[0] = 1 if chosen is not None else 4
+        return chosen
+
+    def half(*a):
+        head_bytes[0] = 2
+        return half_choice(*a)
 
     def step(ids, mask, *a):
         calls.append(tuple(ids.shape))
-        work.append((int(mask[:, -ids.shape[1]:].sum()), len(ids)))
-        return forward(ids, mask, *a)
+        head_bytes[0] = 4
+        chosen = forward(ids, mask, *a)
+        work.append((int(mask[:, -ids.shape[1]:].sum()), len(ids), head_bytes[0]))
+        return chosen
 
     checks, verify = [], dec._verify
 
     def check(nxt, draft, *a):
+        head_bytes[0] = 4
         checks.append((len(draft), verify(nxt, draft, *a)))
-        work.append((1 + len(draft), 1 + len(draft)))
+        work.append((1 + len(draft), 1 + len(draft), head_bytes[0]))
         return checks[-1][1]
 
     fill = dec._fill
 
     def prefix(ids, mask, *a):
-        work.append((int(mask.sum()), 0))
+        work.append((int(mask.sum()), 0, 4))
         return fill(ids, mask, *a)
 
-    dec._step, dec._verify, dec._fill = step, check, prefix
+    dec._step, dec._verify, dec._fill, dec._int8_choice, dec._screened_choice = step, check, prefix, int8, half
     start = time.perf_counter()
     run_batched(backend, items, batch_size=batch_size, on_result=out.__setitem__,
                 max_new_tokens=max_new, repetition_penalty=rep)
     seconds = time.perf_counter() - start
-    dec._step, dec._verify, dec._fill = forward, verify, fill
+    dec._step, dec._verify, dec._fill, dec._int8_choice, dec._screened_choice = (forward, verify, fill, int8_choice,
+                                                                              half_choice)
     steps = [rows for rows, width in calls if width == 1]
     print(f"lidr: {len(calls) - len(steps)} prefill calls, {len(steps)} decoding steps, "
           f"{sum(steps) / max(1, len(steps)):.1f} rows per step on average (every row-step makes a token of a live row); "
@@ -227,9 +245,10 @@ def main(argv=None) -> None:
     # The machine's limit, measured before any model is loaded.
     fp32 = common.matmul_gflops("float32", seconds=args.matmul_seconds)
     bf16 = common.matmul_gflops("bfloat16", seconds=args.matmul_seconds)
+    int8_rate = common.int8_gops(seconds=args.matmul_seconds)
     bw = common.memory_gbps()
     print(f"torch matmul (1024^3, {torch.get_num_threads()} threads): fp32 {fp32:.1f} GFLOP/s, "
-          f"bf16 {bf16:.1f} GFLOP/s; memory read {bw:.1f} GB/s")
+          f"bf16 {bf16:.1f} GFLOP/s; fbgemm int8 {int8_rate:.1f} GOP/s; memory read {bw:.1f} GB/s")
 
     path = resolve_model(args.model)
     t0 = time.perf_counter()
@@ -335,14 +354,22 @@ def main(argv=None) -> None:
 
     lidr, b1, ll, srv = (figures.get(k) for k in ("lidr", "hf-batch1", "llama.cpp", "llama.cpp-server"))
     nan = float("nan")
-    # lidr's own schedule of forwards at the machine's roofline: each forward reads all the fp32
-    # weights once (bytes / measured read rate) or does its arithmetic at the measured fp32
-    # matmul rate, whichever takes longer. No engine that runs these forwards can beat this.
+    # lidr's own schedule of forwards at the machine's roofline: each forward reads all its
+    # weights once (the body's in fp32, the output layer's as that forward's screen read them:
+    # int8, fp16 or fp32; bytes / measured read rate) or does its arithmetic at the measured
+    # matmul rate (the output layer's at the int8 rate where the int8 screen ran it), whichever
+    # takes longer. No engine that runs these forwards with these weights can beat this.
     roofline_s = roofline_b1 = nan
     if lidr:
-        weight_bytes = 4 * params
-        roofline_s = sum(max(weight_bytes / (bw * 1e9), (t * body_flops + h * head_flops) / (peak * 1e9))
-                         for t, h in lidr_work)
+        head_params = head_flops // 2
+        head_rate = {1: int8_rate if int8_rate == int8_rate else peak, 2: peak, 4: peak}
+
+        def at_roofline(t, h, b):
+            read = (4 * (params - head_params) + b * head_params) / (bw * 1e9)
+            compute = t * body_flops / (peak * 1e9) + h * head_flops / (head_rate[b] * 1e9)
+            return max(read, compute)
+
+        roofline_s = sum(at_roofline(*w) for w in lidr_work)
         print(f"lidr's {len(lidr_work)} forwards at the roofline ({bw:.1f} GB/s, {peak:.0f} GFLOP/s): "
               f"{roofline_s:.1f} s against {lidr['seconds']:.1f} s measured ({100 * roofline_s / lidr['seconds']:.0f} %)")
         if b1:
@@ -366,7 +393,7 @@ def main(argv=None) -> None:
         "llamacpp_s_per_100": get(ll, "s_per_100"), "llamacpp_server_s_per_100": get(srv, "s_per_100"),
         "lidr_limit_share": get(lidr, "limit_share"), "llamacpp_limit_share": get(ll, "limit_share"),
         "hf_batch1_limit_share": get(b1, "limit_share"), "lidr_roofline_s": roofline_s,
-        "roofline_speedup_vs_hf_batch1": roofline_b1,
+        "roofline_speedup_vs_hf_batch1": roofline_b1, "int8_gops": int8_rate,
         "fp32_gflops": fp32, "fp32_gflops_end": fp32_end, "bf16_gflops": bf16, "gflop_per_token": flops_per_token / 1e9, "n": args.n,
     }))
 
