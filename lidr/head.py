@@ -200,10 +200,9 @@ def fingerprint(t: torch.Tensor) -> bytes:
     import threading
 
     data = t.detach().contiguous().view(-1).view(torch.uint8).numpy()
-    half = len(data) // 2
+    halves = data[:len(data) // 2], data[len(data) // 2:]
     parts = [hashlib.sha256(), hashlib.sha256()]
-    threads = [threading.Thread(target=parts[i].update, args=(data[i * half:len(data) if i else half],))
-               for i in range(2)]
+    threads = [threading.Thread(target=part.update, args=(half,)) for part, half in zip(parts, halves)]
     for th in threads:
         th.start()
     for th in threads:
