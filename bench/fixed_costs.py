@@ -39,6 +39,12 @@ Round 10:
   in round 9) against `Int8Head.of(w, h)` with the copy already built (a SHA-256 of the weight
   finds it); the bounds of both copies compared on hidden states.
 
+- new rows joining a running batch: the caches concatenated with their padding (`torch.cat`,
+  what `_join` did before) against `_join` writing them once into a buffer with room, on the
+  model's layers (56 running rows of 300 positions, 8 new rows of 280), each followed by the
+  next decoding step's cache update (which had to copy the concatenated cache into a buffer);
+  the states after the step compared.
+
 Each pair runs alternately, `--rounds` times; the table gives the median.
 
     .venv/bin/python bench/fixed_costs.py              # about 1.5 minutes on 2 cores
@@ -296,6 +302,51 @@ def int8_copy_costs(model_dir: Path, rounds: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()} | {"same_bounds": same}
 
 
+def join_costs(model_dir: Path, rounds: int, rows: int = 56, length: int = 300, new_rows: int = 8,
+               new_length: int = 280) -> dict:
+    import torch
+    from transformers import AutoConfig, DynamicCache
+
+    from lidr.backends.decode import _growing, _join
+
+    config = AutoConfig.from_pretrained(model_dir)
+    text = config.get_text_config()
+    heads, dim = text.num_key_value_heads, text.head_dim
+
+    def filled(n_rows, n):
+        cache = _growing(DynamicCache(config=config))
+        for i in range(text.num_hidden_layers):
+            k = torch.randn(n_rows, heads, n, dim)
+            cache.update(k, -k, i)
+        return cache, torch.ones(n_rows, n, dtype=torch.long), torch.zeros(n_rows, n, dtype=torch.long)
+
+    step = [torch.randn(rows + new_rows, heads, 1, dim) for _ in range(text.num_hidden_layers)]
+
+    def concatenated(parts):  # the join before round 10: padded copies, concatenated
+        cache = parts[0][0]
+        for i, layer in enumerate(cache.layers):
+            for name in ("keys", "values"):
+                states = [getattr(c.layers[i], name) for c, _, _ in parts]
+                padded = [torch.cat([t.new_zeros(*t.shape[:2], length - t.shape[2], t.shape[3]), t], 2) for t in states]
+                setattr(layer, name, torch.cat(padded))
+        return cache
+
+    times: dict[str, list[float]] = {"cat": [], "lidr": []}
+    same = True
+    for _ in range(rounds):
+        out = {}
+        for name, join in (("cat", concatenated), ("lidr", lambda parts: _join(parts)[0])):
+            torch.manual_seed(1)
+            parts = [filled(rows, length), filled(new_rows, new_length)]
+            t0 = time.perf_counter()
+            cache = join(parts)
+            out[name] = [cache.update(k, k, i) for i, k in enumerate(step)]
+            times[name].append(time.perf_counter() - t0)
+        same = same and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(out["cat"], out["lidr"]))
+    mb = 2 * text.num_hidden_layers * (rows + new_rows) * heads * length * dim * 4 / 1e6
+    return {k: statistics.median(v) for k, v in times.items()} | {"same_states": same, "mb": mb}
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)  # PEFT calls a renamed transformers method
@@ -322,6 +373,7 @@ def main(argv=None) -> None:
     compaction = compaction_costs(model_dir, args.rounds)
     append = append_costs(model_dir, args.rounds)
     int8 = int8_copy_costs(model_dir, args.rounds)
+    join = join_costs(model_dir, args.rounds)
     tracked = collect["tracked"]
 
     rows = [
@@ -342,13 +394,16 @@ def main(argv=None) -> None:
          "growing layers", round(append["lidr"], 4), f"{append['transformers'] / append['lidr']:.1f}x"],
         ["int8 output layer", "Int8Head built again", round(int8["build"], 2),
          "Int8Head.of (kept copy)", round(int8["reuse"], 2), f"{int8['build'] / int8['reuse']:.1f}x"],
+        ["rows join + a step", "torch.cat of padded caches", round(join["cat"], 3),
+         "_join into a buffer", round(join["lidr"], 3), f"{join['cat'] / join['lidr']:.1f}x"],
     ]
     print(f"medians of {args.rounds} alternating rounds; {tracked} objects tracked by gc in this process")
     print(common.table(["cost", "before", "s", "lidr", "s", "ratio"], rows))
     print(f"same ids on {len(texts)} demo prompts: {tok['same_ids']} (added tokens listed or not: {added['same_ids']}); "
           f"same merged weights: {merge['same_weights']}; same langid model: {lid['same_model']}; "
           f"same rows left in the {compaction['mb']:.0f} MB cache: {compaction['same_rows']}; "
-          f"same states after a step: {append['same_states']}; same int8 bounds: {int8['same_bounds']}")
+          f"same states after a step: {append['same_states']}; same int8 bounds: {int8['same_bounds']}; "
+          f"same states after a join and a step ({join['mb']:.0f} MB cache): {join['same_states']}")
     print(common.keyvals({
         "tokenizer_plain_s": round(tok["plain"], 3), "tokenizer_lidr_s": round(tok["lidr"], 3), "merge_peft_s": round(merge["peft"], 3),
         "merge_lidr_s": round(merge["lidr"], 3), "gc_collect_s": round(collect["plain"], 3),
@@ -357,10 +412,10 @@ def main(argv=None) -> None:
         "langid_cached_s": round(lid["lidr"], 3), "row_leaves_transformers_s": round(compaction["transformers"], 4),
         "row_leaves_lidr_s": round(compaction["lidr"], 4), "cache_step_transformers_s": round(append["transformers"], 4),
         "cache_step_lidr_s": round(append["lidr"], 4), "int8_build_s": round(int8["build"], 3),
-        "int8_reuse_s": round(int8["reuse"], 3),
+        "int8_reuse_s": round(int8["reuse"], 3), "join_cat_s": round(join["cat"], 4), "join_lidr_s": round(join["lidr"], 4),
         "same_ids": tok["same_ids"] and added["same_ids"], "same_weights": merge["same_weights"],
         "same_langid": lid["same_model"], "same_rows": compaction["same_rows"], "same_states": append["same_states"],
-        "same_int8_bounds": int8["same_bounds"],
+        "same_int8_bounds": int8["same_bounds"], "same_join_states": join["same_states"],
         "rounds": args.rounds,
     }))
 

@@ -417,6 +417,48 @@ def test_growing_kv_cache_keeps_what_transformers_keeps(window):
     assert order == [0, 4, 2]
 
 
+@pytest.mark.parametrize("window", [None, 40])
+@pytest.mark.parametrize("lengths", [(7, 5), (4, 9)])  # the running rows longer, or the new ones
+def test_join_writes_growing_layers_once(window, lengths):
+    """New rows joining a running batch (`_join`): growing layers get the same keys, values,
+    mask and penalty ids as transformers' layers joined by concatenation, in a buffer with
+    room, so the steps after the join write into it instead of copying the cache again."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    from lidr.backends.decode import _growing, _join
+
+    def make(grow):
+        cache = DynamicCache()
+        cache.layers = [DynamicLayer(), DynamicSlidingWindowLayer(sliding_window=window) if window else DynamicLayer()]
+        return _growing(cache) if grow else cache
+
+    torch.manual_seed(0)
+    (n, g), rows = lengths, 5
+    states = [torch.randn(3, 1, n, 4), torch.randn(3, 1, n, 4)], [torch.randn(2, 1, g, 4), torch.randn(2, 1, g, 4)]
+    mask, g_mask = torch.ones(3, n, dtype=torch.long), torch.ones(2, g, dtype=torch.long)
+    g_mask[:, 0] = 0  # a padded position in the new rows
+    seen, g_seen = torch.randint(0, 50, (3, n)), torch.randint(0, 50, (2, g))
+    joined = []
+    for grow in (False, True):
+        cache, g_cache = make(grow), make(grow)
+        for i in range(2):
+            cache.update(*states[0], i)
+            g_cache.update(*states[1], i)
+        joined.append(_join([(cache, mask, seen), (g_cache, g_mask, g_seen)]))
+    (plain, p_mask, p_seen), (grown, j_mask, j_seen) = joined
+    assert torch.equal(j_mask, p_mask) and torch.equal(j_seen, p_seen) and p_mask.shape == (rows, max(n, g))
+    for a, b in zip(plain.layers, grown.layers):
+        assert torch.equal(b.keys, a.keys) and torch.equal(b.values, a.values)
+    buffers = [layer.keys.data_ptr() for layer in grown.layers]
+    for _ in range(3):
+        k, v = torch.randn(rows, 1, 1, 4), torch.randn(rows, 1, 1, 4)
+        for i in range(2):
+            want, got = plain.update(k, v, i), grown.update(k, v, i)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert [layer.keys.data_ptr() for layer in grown.layers] == buffers  # no copy after the join
+
+
 @pytest.mark.parametrize("penalty", [1.0, 1.3])
 def test_int8_screened_output_layer_gives_the_same_tokens(backend, penalty, monkeypatch):
     """Steps of several rows with the int8 screen (lidr/head.py, Int8Head) choose what the fp32

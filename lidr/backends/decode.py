@@ -28,7 +28,7 @@ What makes the work smaller, each exact (tests/test_decode.py checks every one a
   positions screened by the int8 copy like the rows of a step (`_verify`).
 
 New rows join a running batch by left-padding the shorter of the two KV caches to the other's
-length. That is done only for plain `DynamicLayer` / `DynamicSlidingWindowLayer` caches still
+length (written once into a buffer with room, `_join`). That is done only for plain `DynamicLayer` / `DynamicSlidingWindowLayer` caches still
 inside the sliding window; with any other cache the batch drains before the next one starts.
 """
 
@@ -314,7 +314,7 @@ class ContinuousDecoder:
                 group = [pending.popleft() for _ in range(min(free, len(pending)))]
                 group_rows, g_cache, g_mask, g_seen, g_nxt = self._prefill(group)
                 if rows:
-                    cache, mask, seen = _join(cache, mask, seen, g_cache, g_mask, g_seen, self.pad_id)
+                    cache, mask, seen = _join([(cache, mask, seen), (g_cache, g_mask, g_seen)])
                     nxt = torch.cat([nxt, g_nxt])
                 else:
                     cache, mask, seen, nxt = g_cache, g_mask, g_seen, g_nxt
@@ -473,11 +473,11 @@ class ContinuousDecoder:
             nxt = self._step(r_ids, mask, pos, cache, seen, _penalties(rows, self.device))
             parts.append((rows, cache, mask, seen, nxt))
 
-        rows, cache, mask, seen, nxt = parts[0]
-        for more_rows, more_cache, more_mask, more_seen, more_nxt in parts[1:]:
-            cache, mask, seen = _join(cache, mask, seen, more_cache, more_mask, more_seen, self.pad_id)
-            rows, nxt = rows + more_rows, torch.cat([nxt, more_nxt])
-        return rows, cache, mask, seen, nxt
+        rows = [row for part in parts for row in part[0]]
+        nxt = torch.cat([part[4] for part in parts])
+        if len(parts) == 1:
+            return rows, *parts[0][1:4], nxt
+        return rows, *_join([part[1:4] for part in parts]), nxt
 
     def _shared_prefixes(self, group: list[tuple[_Row, list[int]]]) -> list[tuple[int, list[int]]] | None:
         """(prefix length, group indices) per prefix to share; None when none is worth sharing.
@@ -629,6 +629,28 @@ def _layer_classes():
     return GrowingLayer, GrowingSlidingLayer
 
 
+def _stacked(layers: list, length: int):
+    """The layers' keys and values, their rows one group after another, each left-padded with
+    zeros to `length` positions, written once into new buffers with room to grow (as
+    `_grow_into` makes them): (keys, values) as views of the buffers, and the buffers. A
+    `torch.cat` of padded copies made two copies of the whole cache, and the next step a third,
+    into a buffer."""
+    views, buffers = [], []
+    for name in ("keys", "values"):
+        states = [getattr(layer, name) for layer in layers]
+        first = states[0]
+        buf = first.new_empty(sum(map(len, states)), first.shape[1], length + max(64, length // 2), first.shape[3])
+        row = 0
+        for t in states:
+            start = length - t.shape[2]
+            buf[row:row + len(t), :, :start] = 0
+            buf[row:row + len(t), :, start:length] = t
+            row += len(t)
+        views.append(buf[:, :, :length])
+        buffers.append(buf)
+    return tuple(views), tuple(buffers)
+
+
 def _keep_rows(cache, keep: list[int], plain: bool, device) -> list[int]:
     """Drop the batch's rows that are not in `keep` (ascending) from the KV cache and return
     the new row order. `batch_select_indices` copies every kept row of every layer each time
@@ -698,11 +720,13 @@ def _penalties(rows: list[_Row], device) -> torch.Tensor | None:
     return torch.tensor([[r.penalty] for r in rows], device=device)
 
 
-def _join(cache, mask, seen, g_cache, g_mask, g_seen, pad_id):
-    """Append a group's rows to the running batch: left-pad the shorter cache (masked), concatenate."""
+def _join(parts: list[tuple]):
+    """One batch from several: `parts` are (cache, mask, seen) of row groups, in order. Each
+    group's cache is left-padded with zeros (masked) to the longest, and the rows are stacked.
+    The first cache object is reused for the result: returns (cache, mask, seen)."""
     from transformers.cache_utils import DynamicSlidingWindowLayer
 
-    length = max(mask.shape[1], g_mask.shape[1])
+    length = max(mask.shape[1] for _, mask, _ in parts)
 
     def pad(t, dim):  # zeros on the left of dimension `dim` up to `length`
         missing = length - t.shape[dim]
@@ -712,11 +736,16 @@ def _join(cache, mask, seen, g_cache, g_mask, g_seen, pad_id):
         shape[dim] = missing
         return torch.cat([t.new_zeros(shape), t], dim)
 
-    for a, b in zip(cache.layers, g_cache.layers):
-        a.keys = torch.cat([pad(a.keys, 2), pad(b.keys, 2)])
-        a.values = torch.cat([pad(a.values, 2), pad(b.values, 2)])
-        if isinstance(a, DynamicSlidingWindowLayer):
-            a.cumulative_length = length
+    cache = parts[0][0]
+    for i, layer in enumerate(cache.layers):
+        layers = [c.layers[i] for c, _, _ in parts]
+        if isinstance(layer, _layer_classes()):  # straight into a buffer with room (see _stacked)
+            (layer.keys, layer.values), layer._buffers = _stacked(layers, length)
+        else:
+            layer.keys = torch.cat([pad(x.keys, 2) for x in layers])
+            layer.values = torch.cat([pad(x.values, 2) for x in layers])
+        if isinstance(layer, DynamicSlidingWindowLayer):
+            layer.cumulative_length = length
     # padded penalty ids repeat each row's first id (see _penalty_ids)
     pad_seen = lambda s: torch.cat([s[:, :1].expand(-1, length - s.shape[1]), s], 1)  # noqa: E731
-    return (cache, torch.cat([pad(mask, 1), pad(g_mask, 1)]), torch.cat([pad_seen(seen), pad_seen(g_seen)]))
+    return cache, torch.cat([pad(mask, 1) for _, mask, _ in parts]), torch.cat([pad_seen(seen) for *_, seen in parts])
