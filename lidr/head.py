@@ -17,6 +17,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 BLOCK = 1024  # vocabulary rows per product: 1024 x hidden fp32 weights stay in the cache
+CHUNK = 1024  # vocabulary ids per chunk whose largest int8 bound `Int8Head.upper` keeps
 
 
 def logits_t(weight: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -333,11 +334,13 @@ class Int8Head:
             raise RuntimeError("fbgemm could not pack the output layer")
         self.blocks = blocks
 
-    def upper(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[rows, vocab] upper bounds of the exact logits of rows `h` [rows, hidden], and per row
-        the slack [rows] for rounding in fp32 (fbgemm's output, the added product, and the exact
+    def upper(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[rows, vocab] upper bounds of the exact logits of rows `h` [rows, hidden]; per row the
+        slack [rows] for rounding in fp32 (fbgemm's output, the added product, and the exact
         logits the decoder compares with): a token can win only if its bound is at least
-        (exact logit of some token) - slack."""
+        (exact logit of some token) - slack; and each chunk's largest bound, [rows, chunks]
+        (`CHUNK` ids a chunk, the last one maybe shorter), taken while each block is in cache,
+        so that the decoder reads only the few chunks that can hold a winner."""
         h = h.float()
         h_rest = h.clone()
         h_rest[:, self.outliers] = 0  # exact in int8 (0 is on the grid): these run in fp32
@@ -347,11 +350,18 @@ class Int8Head:
         c = (h_rest.abs().sum(1, keepdim=True) + self.d_rest * t / 2) / 2 * margin
         left = torch.cat([h.index_select(1, self.outliers), a, c], 1)
         out = h.new_empty(len(h), self.vocab)
+        chunk_max = h.new_empty(len(h), -(-self.vocab // CHUNK))
         for j, i in enumerate(self.blocks):
             approx = torch.ops.quantized.linear_dynamic(h_rest, self.packed[j], True)
-            torch.addmm(approx, left, self.extra[:, i:i + self.BLOCK], out=out[:, i:i + self.BLOCK])
+            block = out[:, i:i + self.BLOCK]
+            torch.addmm(approx, left, self.extra[:, i:i + self.BLOCK], out=block)
+            full = block.shape[1] // CHUNK  # BLOCK is a multiple of CHUNK: only the last block has a rest
+            first = i // CHUNK
+            chunk_max[:, first:first + full] = block[:, :full * CHUNK].unflatten(1, (full, CHUNK)).amax(2)
+            if block.shape[1] > full * CHUNK:
+                chunk_max[:, first + full] = block[:, full * CHUNK:].amax(1)
         # fp32 rounding, each term a few times over: the exact logits (d products of |h||w|),
         # fbgemm's dequantized output (terms up to 254 t (|w_R|_1 + |R| s_max)) and the sums
         slack = (2 ** -12 * self.max_row_norm * h.norm(dim=1)
                  + 2 ** -16 * t * 254 * (self.l1_max + self.d_rest * self.s_max))
-        return out, slack
+        return out, slack, chunk_max

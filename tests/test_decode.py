@@ -523,7 +523,7 @@ def test_int8_screen_bound_holds_and_keeps_the_argmax():
     """Every token's int8 bound is at least its exact logit (in float64), on an output layer
     with large rows, near ties and hidden states with outlier channels (also channels that were
     not outliers when the screen was built), so the exact argmax always reaches the bar."""
-    from lidr.head import Int8Head
+    from lidr.head import CHUNK, Int8Head
 
     if not Int8Head.available():
         pytest.skip("fbgemm's int8 kernels are not in this torch build")
@@ -546,14 +546,51 @@ def test_int8_screen_bound_holds_and_keeps_the_argmax():
             s5 = head.extra[-1, 5]
             h[1] = (w[5] - s5 * (w[5] / s5).round()).sign() * scale
             h[1, head.outliers] = 0
-            upper, slack = head.upper(h)
+            upper, slack, chunk_max = head.upper(h)
             exact = h.double() @ w.double().T
+            # each chunk's largest bound (the last chunk and the last block are shorter)
+            assert torch.equal(chunk_max, torch.stack([c.amax(1) for c in upper.split(CHUNK, 1)], 1))
             assert bool((upper.double() >= exact - 1e-9).all())
             bar = exact.gather(1, upper.topk(4, dim=1).indices).amax(1, keepdim=True) - slack.double()[:, None]
             winners = exact.argmax(1)
             assert bool((upper.double().gather(1, winners[:, None]) >= bar).all())
             if shift == 0:  # a tight screen when the outliers are where they were
                 assert int((upper.double() >= bar).sum(1).max()) < 2000
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+@pytest.mark.parametrize("penalty", [None, 0.7, 1.3])
+def test_int8_choice_reads_only_the_chunks_that_can_win(softcap, penalty):
+    """The screen's choice (`_int8_choice`: references from the chunks with the highest largest
+    bounds, candidates only from chunks whose largest bound reaches the bar) is the fp32 greedy
+    choice, on a vocabulary whose last chunk and block are partial, with soft-capping and a
+    penalty that lowers (1.3) or raises (0.7) the seen tokens, which win where 0.7 lifts them."""
+    from lidr.backends.decode import ContinuousDecoder, _choose
+    from lidr.head import Int8Head
+
+    if not Int8Head.available():
+        pytest.skip("fbgemm's int8 kernels are not in this torch build")
+    torch.manual_seed(0)
+    w = torch.randn(70_000, 256) * 0.04
+    h = torch.randn(6, 256) * 3
+    h[:, :4] += 60  # outlier channels
+    dec = object.__new__(ContinuousDecoder)  # only what the choice reads
+    dec.head_weight, dec.head_bias, dec.packed_head, dec.softcap = w, None, None, softcap
+    w[69_990] = w[int((h[0] @ w.T).argmax())] * 0.999  # row 0's runner-up, in the partial last chunk
+    dec.int8_head = Int8Head(w, h)
+    # seen ids: each row's runner-up and random others
+    exact = h @ w.T
+    runner_up = exact.topk(2, dim=1).indices[:, 1]
+    seen = torch.cat([runner_up[:, None], torch.randint(0, 70_000, (6, 30))], 1)
+    col = None if penalty is None else torch.full((6, 1), penalty)
+    want = exact.clone()
+    if softcap:
+        want = torch.tanh(want / softcap) * softcap
+    want = _choose(want, seen, col)
+    got = dec._int8_choice(h, seen, col)
+    assert got is not None and torch.equal(got, want)
+    if penalty == 0.7:  # the raised runners-up won somewhere
+        assert bool((want == runner_up).any())
 
 
 @pytest.mark.slow
@@ -618,7 +655,7 @@ def test_int8_bound_is_reached_by_the_worst_cases():
     h[0, rest] = 127 * tau  # on the activations' grid (t = tau): no activation error
     h[1, rest] = 0.499 * tau  # rounds to 0: every activation off by 0.499 t
     h[1, c0] = 127 * tau
-    upper, _ = head.upper(h)
+    upper, *_ = head.upper(h)
     exact = h.double() @ w.double().T
     worst = [(h[0, rest].double() * w[5, rest].double()).sum() - h[0, c0].double() * w[5, c0],  # q = 0 but at c0
              (h[1, rest].double() * w[6, rest].double()).sum() - h[1, c0].double() * w[6, c0]]  # h = 0 but at c0
@@ -647,7 +684,7 @@ def test_int8_copy_is_reused_for_the_same_output_layer_only():
         assert fingerprint(w.view(128, 40_000)) != fingerprint(w)  # the shape counts too
         second = Int8Head.of(changed, h)
         assert second is not first and Int8Head.of(changed, h) is second
-        upper, _ = second.upper(h)
+        upper, *_ = second.upper(h)
         exact = h.double() @ changed.double().T
         assert float(upper[:, 31_000].double().sub(exact[:, 31_000]).min()) >= 0  # the bound of the changed row
         assert Int8Head.of(w, h) is not first  # only the last copy is kept

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from lidr import packed_linear
-from lidr.head import HalfHead, Int8Head, logits_t
+from lidr.head import CHUNK, HalfHead, Int8Head, logits_t
 
 
 @dataclass
@@ -201,19 +201,28 @@ class ContinuousDecoder:
         that reach it get exact fp32 logits. Soft-capping and the penalty are monotone, so
         they keep bounds bounds (the penalty scales the slack by at most max(p, 1/p)).
         None (the caller runs the fp32 output layer) if too many tokens reach the bar."""
-        upper, slack = self.int8_head.upper(h)
-        if self.softcap:
-            upper = torch.tanh(upper / self.softcap) * self.softcap
+        upper, slack, chunk_max = self.int8_head.upper(h)
+        vocab = upper.shape[1]
+        if self.softcap:  # increasing: the chunks' largest bounds stay theirs
+            for x in (upper, chunk_max):
+                x.div_(self.softcap).tanh_().mul_(self.softcap)
         if penalty is not None:
             _penalize(upper, seen, penalty)
+            # a penalty below 1 raises a seen token's bound: its chunk's largest bound too
+            chunk_max.scatter_reduce_(1, seen // CHUNK, upper.gather(1, seen), reduce="amax")
             slack = slack * torch.maximum(penalty, 1 / penalty)[:, 0]
         # the bar: the best exact logit of the REFERENCES tokens with the highest bounds (a token
-        # with a loose bound can top the bounds with a poor logit)
-        best = upper.topk(min(REFERENCES, upper.shape[1]), dim=1).indices
+        # with a loose bound can top the bounds with a poor logit); they lie in the chunks with
+        # the highest largest bounds
+        top = _chunk_ids(chunk_max.topk(min(REFERENCES, chunk_max.shape[1]), dim=1).indices, vocab)
+        best = top.gather(1, upper.gather(1, top).topk(min(REFERENCES, vocab), dim=1).indices)
         flat = best.unique()
         bar = self._exact_logits(h, flat, seen, penalty).gather(1, torch.searchsorted(flat, best)).amax(1) - slack
-        tokens = (upper >= bar[:, None]).nonzero()[:, 1].unique()  # sorted: ties go to the lowest id, as in argmax
-        if len(tokens) > max(upper.shape[1] // 16, 256):  # then the full fp32 product is as cheap
+        # the tokens whose bound reaches their row's bar, read from the chunks that can hold one
+        row, chunk = (chunk_max >= bar[:, None]).nonzero(as_tuple=True)
+        ids = _chunk_ids(chunk[:, None], vocab)
+        tokens = ids[upper[row[:, None], ids] >= bar[row, None]].unique()  # sorted: ties go to the lowest id
+        if len(tokens) > max(vocab // 16, 256):  # then the full fp32 product is as cheap
             return None
         return tokens[self._exact_logits(h, tokens, seen, penalty).argmax(1)]
 
@@ -691,6 +700,13 @@ def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
 def _positions(mask: torch.Tensor) -> torch.Tensor:
     """Position ids that count real tokens only (padding anywhere in the row)."""
     return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _chunk_ids(chunks: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The vocabulary ids of chunks [rows, k] (`CHUNK` ids each), [rows, k * CHUNK]; the last
+    chunk's missing ids repeat the vocabulary's last id."""
+    ids = chunks[..., None] * CHUNK + torch.arange(CHUNK, device=chunks.device)
+    return ids.flatten(-2).clamp_(max=vocab - 1)
 
 
 def _penalty_ids(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
