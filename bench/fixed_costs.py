@@ -376,26 +376,28 @@ def main(argv=None) -> None:
     join = join_costs(model_dir, args.rounds)
     tracked = collect["tracked"]
 
+    def compared(cost, before, before_s, lidr, lidr_s, digits=2, ratio_digits=1):
+        return [cost, before, round(before_s, digits), lidr, round(lidr_s, digits),
+                f"{before_s / lidr_s:.{ratio_digits}f}x"]
+
     rows = [
-        ["tokenizer", "AutoTokenizer.from_pretrained", round(tok["plain"], 2),
-         "load_tokenizer (gc paused)", round(tok["lidr"], 2), f"{tok['plain'] / tok['lidr']:.2f}x"],
-        ["LoRA merge", "PEFT merge_and_unload", round(merge["peft"], 2),
-         "merge_lora", round(merge["lidr"], 2), f"{merge['peft'] / merge['lidr']:.2f}x"],
+        compared("tokenizer", "AutoTokenizer.from_pretrained", tok["plain"], "load_tokenizer (gc paused)", tok["lidr"],
+                 ratio_digits=2),
+        compared("LoRA merge", "PEFT merge_and_unload", merge["peft"], "merge_lora", merge["lidr"], ratio_digits=2),
         ["backend close", "gc.collect()", round(collect["plain"], 2), "none (model freed by refcount)", 0.0, "-"],
-        ["added tokens", "load_tokenizer, config without them", round(added["without"], 2),
-         "load_tokenizer, listed", round(added["with"], 2), f"{added['without'] / added['with']:.2f}x"],
-        ["langid model", "py3langid (LZMA)", round(lid["py3langid"], 2),
-         "lidr's unpacked copy", round(lid["lidr"], 2), f"{lid['py3langid'] / lid['lidr']:.2f}x"],
-        ["full collection", "gc.collect(), LoRA model alive", round(collect["plain"], 3),
-         "the same, libraries frozen", round(collect["frozen"], 3), f"{collect['plain'] / collect['frozen']:.1f}x"],
-        ["row leaves cache", "batch_select_indices", round(compaction["transformers"], 4),
-         "_keep_rows", round(compaction["lidr"], 4), f"{compaction['transformers'] / compaction['lidr']:.1f}x"],
-        ["step's cache update", "DynamicLayer (concatenates)", round(append["transformers"], 4),
-         "growing layers", round(append["lidr"], 4), f"{append['transformers'] / append['lidr']:.1f}x"],
-        ["int8 output layer", "Int8Head built again", round(int8["build"], 2),
-         "Int8Head.of (kept copy)", round(int8["reuse"], 2), f"{int8['build'] / int8['reuse']:.1f}x"],
-        ["rows join + a step", "torch.cat of padded caches", round(join["cat"], 3),
-         "_join into a buffer", round(join["lidr"], 3), f"{join['cat'] / join['lidr']:.1f}x"],
+        compared("added tokens", "load_tokenizer, config without them", added["without"], "load_tokenizer, listed",
+                 added["with"], ratio_digits=2),
+        compared("langid model", "py3langid (LZMA)", lid["py3langid"], "lidr's unpacked copy", lid["lidr"],
+                 ratio_digits=2),
+        compared("full collection", "gc.collect(), LoRA model alive", collect["plain"], "the same, libraries frozen",
+                 collect["frozen"], digits=3),
+        compared("row leaves cache", "batch_select_indices", compaction["transformers"], "_keep_rows",
+                 compaction["lidr"], digits=4),
+        compared("step's cache update", "DynamicLayer (concatenates)", append["transformers"], "growing layers",
+                 append["lidr"], digits=4),
+        compared("int8 output layer", "Int8Head built again", int8["build"], "Int8Head.of (kept copy)", int8["reuse"]),
+        compared("rows join + a step", "torch.cat of padded caches", join["cat"], "_join into a buffer", join["lidr"],
+                 digits=3),
     ]
     print(f"medians of {args.rounds} alternating rounds; {tracked} objects tracked by gc in this process")
     print(common.table(["cost", "before", "s", "lidr", "s", "ratio"], rows))

@@ -420,42 +420,51 @@ def test_growing_kv_cache_keeps_what_transformers_keeps(window):
 @pytest.mark.parametrize("window", [None, 40])
 @pytest.mark.parametrize("lengths", [(7, 5), (4, 9)])  # the running rows longer, or the new ones
 def test_join_writes_growing_layers_once(window, lengths):
-    """New rows joining a running batch (`_join`): growing layers get the same keys, values,
-    mask and penalty ids as transformers' layers joined by concatenation, in a buffer with
-    room, so the steps after the join write into it instead of copying the cache again."""
+    """New rows joining a running batch (`_join`): the joined layers hold the running rows'
+    keys and values, then the new rows', each left-padded with zeros to the longer length (as
+    the mask and penalty ids are), in a buffer with room, so the steps after the join write
+    into it instead of copying the cache again; they return what transformers' layers return
+    for the same joined states."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
     from lidr.backends.decode import _growing, _join
 
-    def make(grow):
+    def make():
         cache = DynamicCache()
         cache.layers = [DynamicLayer(), DynamicSlidingWindowLayer(sliding_window=window) if window else DynamicLayer()]
-        return _growing(cache) if grow else cache
+        return cache
+
+    def left_pad(t, length):
+        return torch.cat([t.new_zeros(*t.shape[:2], length - t.shape[2], *t.shape[3:]), t], 2)
 
     torch.manual_seed(0)
-    (n, g), rows = lengths, 5
-    states = [torch.randn(3, 1, n, 4), torch.randn(3, 1, n, 4)], [torch.randn(2, 1, g, 4), torch.randn(2, 1, g, 4)]
+    (n, g), length = lengths, max(lengths)
+    running, new = [torch.randn(3, 1, n, 4) for _ in range(2)], [torch.randn(2, 1, g, 4) for _ in range(2)]
     mask, g_mask = torch.ones(3, n, dtype=torch.long), torch.ones(2, g, dtype=torch.long)
     g_mask[:, 0] = 0  # a padded position in the new rows
     seen, g_seen = torch.randint(0, 50, (3, n)), torch.randint(0, 50, (2, g))
-    joined = []
-    for grow in (False, True):
-        cache, g_cache = make(grow), make(grow)
-        for i in range(2):
-            cache.update(*states[0], i)
-            g_cache.update(*states[1], i)
-        joined.append(_join([(cache, mask, seen), (g_cache, g_mask, g_seen)]))
-    (plain, p_mask, p_seen), (grown, j_mask, j_seen) = joined
-    assert torch.equal(j_mask, p_mask) and torch.equal(j_seen, p_seen) and p_mask.shape == (rows, max(n, g))
-    for a, b in zip(plain.layers, grown.layers):
-        assert torch.equal(b.keys, a.keys) and torch.equal(b.values, a.values)
+    cache, g_cache = _growing(make()), _growing(make())
+    for i in range(2):
+        cache.update(*running, i)
+        g_cache.update(*new, i)
+    grown, j_mask, j_seen = _join([(cache, mask, seen), (g_cache, g_mask, g_seen)])
+    want = [torch.cat([left_pad(a, length), left_pad(b, length)]) for a, b in zip(running, new)]
+    # the mask's padding is 0; the penalty ids' padding repeats each row's first id
+    assert torch.equal(j_mask, torch.cat([torch.cat([m.new_zeros(len(m), length - m.shape[1]), m], 1)
+                                          for m in (mask, g_mask)]))
+    assert torch.equal(j_seen, torch.cat([torch.cat([x[:, :1].repeat(1, length - x.shape[1]), x], 1)
+                                          for x in (seen, g_seen)]))
+    plain = make()  # transformers' layers, given the joined states
+    for i, (a, b) in enumerate(zip(plain.layers, grown.layers)):
+        assert torch.equal(b.keys, want[0]) and torch.equal(b.values, want[1])
+        plain.update(*want, i)
     buffers = [layer.keys.data_ptr() for layer in grown.layers]
     for _ in range(3):
-        k, v = torch.randn(rows, 1, 1, 4), torch.randn(rows, 1, 1, 4)
+        k, v = torch.randn(5, 1, 1, 4), torch.randn(5, 1, 1, 4)
         for i in range(2):
-            want, got = plain.update(k, v, i), grown.update(k, v, i)
-            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+            expected, got = plain.update(k, v, i), grown.update(k, v, i)
+            assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
     assert [layer.keys.data_ptr() for layer in grown.layers] == buffers  # no copy after the join
 
 
@@ -503,16 +512,15 @@ def test_int8_screen_checks_a_lone_rows_guesses(backend, penalty, monkeypatch):
         pytest.skip("past its short window the cache cannot take guesses back")
     monkeypatch.setattr(Int8Head, "MIN_PARAMS", 0)
     decoder = ContinuousDecoder(backend.model, backend.tokenizer, set(), packed_weights=True)
-    checked = []  # positions screened together in a guess check
-    choose, verify = decoder._int8_choice, decoder._verify
-    monkeypatch.setattr(decoder, "_verify", lambda *a: checked.append(None) or verify(*a))
-    monkeypatch.setattr(decoder, "_int8_choice", lambda h, *a: checked and checked.append(len(h)) or choose(h, *a))
+    screened = []  # rows of each int8 choice: with max_rows=1 only a guess check has several
+    choose = decoder._int8_choice
+    monkeypatch.setattr(decoder, "_int8_choice", lambda h, *a: screened.append(len(h)) or choose(h, *a))
     prompts = ["<s> one two three four five one two three four five one two three four five one two",
                "<s> the cat sat on the mat the cat sat on the mat the cat"]
     results = {}
     decoder.run([(i, p, []) for i, p in enumerate(prompts)], max_rows=1, max_new_tokens=20,
                 repetition_penalty=penalty, on_result=results.__setitem__)
-    assert any(n is not None and n > 1 for n in checked)
+    assert any(n > 1 for n in screened)
     for i, p in enumerate(prompts):
         want = backend.tokenizer.decode(_reference(backend, p, 20, penalty, None), skip_special_tokens=True)
         assert results[i].text == want, p

@@ -28,8 +28,9 @@ What makes the work smaller, each exact (tests/test_decode.py checks every one a
   positions screened by the int8 copy like the rows of a step (`_verify`).
 
 New rows join a running batch by left-padding the shorter of the two KV caches to the other's
-length (written once into a buffer with room, `_join`). That is done only for plain `DynamicLayer` / `DynamicSlidingWindowLayer` caches still
-inside the sliding window; with any other cache the batch drains before the next one starts.
+length, written once into a buffer with room (`_join`). That is done only for plain
+`DynamicLayer` / `DynamicSlidingWindowLayer` caches (made growing) still inside the sliding
+window; with any other cache the batch drains before the next one starts.
 """
 
 from __future__ import annotations
@@ -483,10 +484,7 @@ class ContinuousDecoder:
             parts.append((rows, cache, mask, seen, nxt))
 
         rows = [row for part in parts for row in part[0]]
-        nxt = torch.cat([part[4] for part in parts])
-        if len(parts) == 1:
-            return rows, *parts[0][1:4], nxt
-        return rows, *_join([part[1:4] for part in parts]), nxt
+        return rows, *_join([part[1:4] for part in parts]), torch.cat([part[4] for part in parts])
 
     def _shared_prefixes(self, group: list[tuple[_Row, list[int]]]) -> list[tuple[int, list[int]]] | None:
         """(prefix length, group indices) per prefix to share; None when none is worth sharing.
@@ -582,9 +580,7 @@ def _grow_into(layer, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.T
     buf = getattr(layer, "_buffers", None)
     if not (buf is not None and _holds(buf[0], keys, total) and _holds(buf[1], values, total)
             and (n == 0 or _starts(old_k, buf[0]) and _starts(old_v, buf[1]))):
-        rows, heads, _, dim = keys.shape
-        room = total + max(64, total // 2)  # grows by half: each position is copied O(1) times
-        new = (keys.new_empty(rows, heads, room, dim), values.new_empty(rows, heads, room, values.shape[-1]))
+        new = (_buffer(keys, len(keys), total), _buffer(values, len(values), total))
         if n:
             new[0][:, :, :n] = old_k
             new[1][:, :, :n] = old_v
@@ -593,6 +589,12 @@ def _grow_into(layer, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.T
     buf[0][:rows, :, n:total] = keys
     buf[1][:rows, :, n:total] = values
     return buf[0][:rows, :, :total], buf[1][:rows, :, :total]
+
+
+def _buffer(like: torch.Tensor, rows: int, positions: int) -> torch.Tensor:
+    """An empty buffer for `rows` rows of `like`'s heads and size, with room for `positions`
+    positions and half as many again (at least 64 more): each position is copied O(1) times."""
+    return like.new_empty(rows, like.shape[1], positions + max(64, positions // 2), like.shape[3])
 
 
 def _holds(buf: torch.Tensor, new: torch.Tensor, total: int) -> bool:
@@ -647,8 +649,7 @@ def _stacked(layers: list, length: int):
     views, buffers = [], []
     for name in ("keys", "values"):
         states = [getattr(layer, name) for layer in layers]
-        first = states[0]
-        buf = first.new_empty(sum(map(len, states)), first.shape[1], length + max(64, length // 2), first.shape[3])
+        buf = _buffer(states[0], sum(map(len, states)), length)
         row = 0
         for t in states:
             start = length - t.shape[2]
@@ -738,30 +739,21 @@ def _penalties(rows: list[_Row], device) -> torch.Tensor | None:
 
 def _join(parts: list[tuple]):
     """One batch from several: `parts` are (cache, mask, seen) of row groups, in order. Each
-    group's cache is left-padded with zeros (masked) to the longest, and the rows are stacked.
-    The first cache object is reused for the result: returns (cache, mask, seen)."""
+    group's cache is left-padded with zeros (masked) to the longest, and the rows are stacked,
+    once, into buffers with room (`_stacked`): the decoder joins only growing layers that still
+    hold the whole sequence (`_can_join`). The first cache object is reused for the result:
+    returns (cache, mask, seen)."""
     from transformers.cache_utils import DynamicSlidingWindowLayer
 
+    if len(parts) == 1:
+        return parts[0]
     length = max(mask.shape[1] for _, mask, _ in parts)
-
-    def pad(t, dim):  # zeros on the left of dimension `dim` up to `length`
-        missing = length - t.shape[dim]
-        if missing == 0:
-            return t
-        shape = list(t.shape)
-        shape[dim] = missing
-        return torch.cat([t.new_zeros(shape), t], dim)
-
     cache = parts[0][0]
     for i, layer in enumerate(cache.layers):
-        layers = [c.layers[i] for c, _, _ in parts]
-        if isinstance(layer, _layer_classes()):  # straight into a buffer with room (see _stacked)
-            (layer.keys, layer.values), layer._buffers = _stacked(layers, length)
-        else:
-            layer.keys = torch.cat([pad(x.keys, 2) for x in layers])
-            layer.values = torch.cat([pad(x.values, 2) for x in layers])
+        (layer.keys, layer.values), layer._buffers = _stacked([c.layers[i] for c, _, _ in parts], length)
         if isinstance(layer, DynamicSlidingWindowLayer):
             layer.cumulative_length = length
-    # padded penalty ids repeat each row's first id (see _penalty_ids)
+    # padded mask positions are 0; padded penalty ids repeat each row's first id (see _penalty_ids)
+    pad_mask = lambda m: torch.cat([m.new_zeros(len(m), length - m.shape[1]), m], 1)  # noqa: E731
     pad_seen = lambda s: torch.cat([s[:, :1].expand(-1, length - s.shape[1]), s], 1)  # noqa: E731
-    return cache, torch.cat([pad(mask, 1) for _, mask, _ in parts]), torch.cat([pad_seen(seen) for *_, seen in parts])
+    return cache, torch.cat([pad_mask(mask) for _, mask, _ in parts]), torch.cat([pad_seen(seen) for *_, seen in parts])
