@@ -257,7 +257,8 @@ class Int8Head:
         same bytes, else a new one (which replaces it). LoRA training leaves the output layer as
         it was, so every iteration's model and every evaluation reuses the first build: the
         fingerprint takes 0.2-0.3 s for gemma-3-270m, the build 1.4-2.5 s. The copy kept
-        (about 0.2 GB) stays in memory between backends; `forget` frees it."""
+        (about 0.2 GB, and 1 MB per row of the largest step for its bounds) stays in memory between
+        backends; `forget` frees it."""
         key = fingerprint(weight)
         if cls._last is not None and cls._last[0] == key:
             return cls._last[1]
@@ -334,14 +335,21 @@ class Int8Head:
         if any(p is None for p in self.packed):
             raise RuntimeError("fbgemm could not pack the output layer")
         self.blocks = blocks
+        self._out: torch.Tensor | None = None  # the bounds' buffer (`upper`)
 
     def upper(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """[rows, vocab] upper bounds of the exact logits of rows `h` [rows, hidden]; per row the
-        slack [rows] for rounding in fp32 (fbgemm's output, the added product, and the exact
-        logits the decoder compares with): a token can win only if its bound is at least
-        (exact logit of some token) - slack; and each chunk's largest bound, [rows, chunks]
-        (`CHUNK` ids a chunk, the last one maybe shorter), taken while each block is in cache,
-        so that the decoder reads only the few chunks that can hold a winner."""
+        """Upper bounds of the exact logits of rows `h` [rows, hidden], [rows, chunks * CHUNK]:
+        column v holds token v's bound, and the columns past the vocabulary (the last chunk's
+        missing ids) hold -inf, so that every chunk is a row of `upper.view(rows, -1, CHUNK)`.
+        Per row the slack [rows] for rounding in fp32 (fbgemm's output, the added product, and
+        the exact logits the decoder compares with): a token can win only if its bound is at
+        least (exact logit of some token) - slack. And each chunk's largest bound [rows, chunks],
+        taken while each block is in cache, so that the decoder reads only the few chunks that
+        can hold a winner.
+
+        The bounds are written into a buffer kept between calls (valid until the next call): a
+        new one of 32 rows (33 MB) came from fresh pages at every step, and faulting them in
+        took about as long as fbgemm's product of a block."""
         h = h.float()
         h_rest = h.clone()
         h_rest[:, self.outliers] = 0  # exact in int8 (0 is on the grid): these run in fp32
@@ -350,19 +358,25 @@ class Int8Head:
         a = h.new_full((len(h), 1), t / 2 * margin)
         c = (h_rest.abs().sum(1, keepdim=True) + self.d_rest * t / 2) / 2 * margin
         left = torch.cat([h.index_select(1, self.outliers), a, c], 1)
-        out = h.new_empty(len(h), self.vocab)
-        chunk_max = h.new_empty(len(h), -(-self.vocab // CHUNK))
+        out = self._rows(len(h))
+        chunk_max = h.new_empty(len(h), out.shape[1] // CHUNK)
         for j, i in enumerate(self.blocks):
             approx = torch.ops.quantized.linear_dynamic(h_rest, self.packed[j], True)
-            block = out[:, i:i + self.BLOCK]
-            torch.addmm(approx, left, self.extra[:, i:i + self.BLOCK], out=block)
-            full = block.shape[1] // CHUNK  # BLOCK is a multiple of CHUNK: only the last block has a rest
-            first = i // CHUNK
-            chunk_max[:, first:first + full] = block[:, :full * CHUNK].unflatten(1, (full, CHUNK)).amax(2)
-            if block.shape[1] > full * CHUNK:
-                chunk_max[:, first + full] = block[:, full * CHUNK:].amax(1)
+            torch.addmm(approx, left, self.extra[:, i:i + self.BLOCK], out=out[:, i:i + approx.shape[1]])
+            block = out[:, i:i + self.BLOCK]  # BLOCK is a multiple of CHUNK; the last one ends in the -inf
+            chunk_max[:, i // CHUNK:(i + block.shape[1]) // CHUNK] = block.unflatten(1, (-1, CHUNK)).amax(2)
         # fp32 rounding, each term a few times over: the exact logits (d products of |h||w|),
         # fbgemm's dequantized output (terms up to 254 t (|w_R|_1 + |R| s_max)) and the sums
         slack = (2 ** -12 * self.max_row_norm * h.norm(dim=1)
                  + 2 ** -16 * t * 254 * (self.l1_max + self.d_rest * self.s_max))
         return out, slack, chunk_max
+
+    def _rows(self, rows: int) -> torch.Tensor:
+        """The first `rows` rows of the kept buffer [rows, chunks * CHUNK] (grown as needed),
+        whose columns past the vocabulary hold -inf."""
+        if self._out is None or len(self._out) < rows:
+            self._out = None  # free the smaller one first
+            width = -(-self.vocab // CHUNK) * CHUNK
+            self._out = torch.empty(rows, width)
+            self._out[:, self.vocab:] = float("-inf")
+        return self._out[:rows]

@@ -99,6 +99,9 @@ class ContinuousDecoder:
     """`packed_weights`: on a CPU, run the model's frozen fp32 linear layers through oneDNN
     with prepacked weights (`_pack`); this changes the model's layers in place."""
 
+    # Decoding steps run 1-64 rows; the layout chosen for 16 served 1-64 as well as any (bench/README.md).
+    ROWS_HINT = 16
+
     def __init__(self, model, tokenizer, eos_ids: set[int], packed_weights: bool = False):
         from transformers import DynamicCache
 
@@ -115,12 +118,18 @@ class ContinuousDecoder:
         forward = (self.body or model).forward
         self.cache_kw = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
         self.window = _sliding_window(self.new_cache())
-        self.packed_head = None  # the output layer's weight in oneDNN's layout (`_pack`)
-        self.packed_layers = self._pack() if packed_weights else 0
+        # The output layer's weight in oneDNN's layout, packed at the first step that needs the
+        # whole fp32 product (`_packed_head`): with the fp16 and int8 screens that is seldom or
+        # never, and packing gemma-3-270m's took 0.4 s and 671 MB more memory.
+        self.packed_head = None
+        self.pack_head = False  # set below: whether `_head` runs through `packed_head`
+        self.packed_layers = self._pack() if packed_weights else 0  # (the output layer counted in)
         self.own_head = self.body is not None and self.head_weight is not None and self._own_head_matches()
-        if not self.own_head and self.packed_head is not None:
-            self.packed_head = None  # the model's own forward computes the logits
-            self.packed_layers -= 1
+        if self.packed_layers and self._head_packable():
+            if self.own_head:
+                self.pack_head = True
+            else:  # the model's own forward computes the logits
+                self.packed_layers -= 1
         self.half_head = self._half_head() if self.own_head else None
         # an int8 screen for steps of several rows (`_int8_choice`): None until the first such step
         # builds it from that step's hidden states, False where it is not used
@@ -158,9 +167,9 @@ class ContinuousDecoder:
         """fp32 logits [rows, vocab] of hidden states `h`; with `tokens`, [rows, len(tokens)]
         for those vocabulary ids only (used without an output bias only)."""
         if tokens is not None:
-            logits = F.linear(h, self.head_weight[tokens])
-        elif self.packed_head is not None:
-            logits = packed_linear.linear(h, self.packed_head, self.head_bias)
+            logits = F.linear(h, self.head_weight.index_select(0, tokens))  # 3-4x faster than [tokens]
+        elif self.pack_head:
+            logits = packed_linear.linear(h, self._packed_head(), self.head_bias)
         elif h.device.type == "cpu":
             logits = logits_t(self.head_weight, h).T  # see lidr/head.py
             if self.head_bias is not None:
@@ -202,10 +211,10 @@ class ContinuousDecoder:
         that reach it get exact fp32 logits. Soft-capping and the penalty are monotone, so
         they keep bounds bounds (the penalty scales the slack by at most max(p, 1/p)).
         None (the caller runs the fp32 output layer) if too many tokens reach the bar."""
-        upper, slack, chunk_max = self.int8_head.upper(h)
-        vocab = upper.shape[1]
-        if self.softcap:  # increasing: the chunks' largest bounds stay theirs
-            for x in (upper, chunk_max):
+        upper, slack, chunk_max = self.int8_head.upper(h)  # upper: -inf past the vocabulary
+        vocab = self.int8_head.vocab
+        if self.softcap:  # increasing: the chunks' largest bounds stay theirs (and -inf stays below all)
+            for x in (upper[:, :vocab], chunk_max):
                 x.div_(self.softcap).tanh_().mul_(self.softcap)
         if penalty is not None:
             _penalize(upper, seen, penalty)
@@ -221,8 +230,8 @@ class ContinuousDecoder:
         bar = self._exact_logits(h, flat, seen, penalty).gather(1, torch.searchsorted(flat, best)).amax(1) - slack
         # the tokens whose bound reaches their row's bar, read from the chunks that can hold one
         row, chunk = (chunk_max >= bar[:, None]).nonzero(as_tuple=True)
-        ids = _chunk_ids(chunk[:, None], vocab)
-        tokens = ids[upper[row[:, None], ids] >= bar[row, None]].unique()  # sorted: ties go to the lowest id
+        pair, offset = (upper.view(len(h), -1, CHUNK)[row, chunk] >= bar[row, None]).nonzero(as_tuple=True)
+        tokens = (chunk[pair] * CHUNK + offset).unique()  # sorted: ties go to the lowest id
         if len(tokens) > max(vocab // 16, 256):  # then the full fp32 product is as cheap
             return None
         return tokens[self._exact_logits(h, tokens, seen, penalty).argmax(1)]
@@ -257,24 +266,28 @@ class ContinuousDecoder:
 
     def _pack(self) -> int:
         """Reorder the frozen fp32 CPU linear weights for oneDNN once (lidr/packed_linear.py),
-        where the copies fit in the memory free now. Returns how many layers were packed."""
+        where the copies fit in the memory free now. Returns how many layers were packed, the
+        output layer counted in (it is packed at its first use: `_packed_head`)."""
         head = self.model.get_output_embeddings()
         layers = [m for m in self.model.modules() if packed_linear.eligible(m) and m is not head]
         if self.device.type != "cpu" or not layers or not packed_linear.available():
             return 0
         nbytes = sum(m.weight.numel() * 4 for m in layers)
-        w = self.head_weight
-        head_packable = w is not None and w.dtype == torch.float32 and not w.requires_grad
-        nbytes += w.numel() * 4 if head_packable else 0
+        nbytes += self.head_weight.numel() * 4 if self._head_packable() else 0  # packed later, maybe
         free = packed_linear.memory_available()
         if free is not None and 2 * nbytes > free:  # measured: RSS +1062 MB for gemma-3-270m's 1072 MB; keep room
             return 0
-        # Decoding steps run 1-64 rows; the layout chosen for 16 served 1-64 as well as any (bench/README.md).
-        n = packed_linear.pack(self.model, rows_hint=16, skip=(head,), backward=False)
-        if head_packable:
-            self.packed_head = packed_linear.pack_weight(w, rows_hint=16)
-            n += 1
-        return n
+        n = packed_linear.pack(self.model, rows_hint=self.ROWS_HINT, skip=(head,), backward=False)
+        return n + self._head_packable()
+
+    def _head_packable(self) -> bool:
+        w = self.head_weight
+        return w is not None and w.dtype == torch.float32 and not w.requires_grad
+
+    def _packed_head(self) -> torch.Tensor:
+        if self.packed_head is None:
+            self.packed_head = packed_linear.pack_weight(self.head_weight, rows_hint=self.ROWS_HINT)
+        return self.packed_head
 
     def _half_head(self) -> HalfHead | None:
         """An fp16 screen for one-row steps on a CPU where it is faster and within its bound."""
@@ -282,8 +295,9 @@ class ContinuousDecoder:
         if self.device.type != "cpu" or w.dtype != torch.float32 or self.head_bias is not None:
             return None
         half = HalfHead(w)
-        fp32_head = (lambda h: packed_linear.linear(h, self.packed_head)) if self.packed_head is not None else None
-        if not half.finite or not HalfHead.faster(w, half.half, fp32_head):
+        # measured against the unpacked fp32 product (the packed one is not built yet; both read
+        # the whole fp32 weight for one row)
+        if not half.finite or not HalfHead.faster(w, half.half):
             return None
         with torch.inference_mode():
             approx, eps = half.approx(self._probe)
