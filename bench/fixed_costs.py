@@ -45,6 +45,13 @@ Round 10:
   next decoding step's cache update (which had to copy the concatenated cache into a buffer);
   the states after the step compared.
 
+Round 11:
+
+- a generation backend's decoder set-up (`ContinuousDecoder(..., packed_weights=True)` on a
+  loaded model): with the output layer packed for oneDNN at once (what it did before round
+  11) against packed at its first full fp32 product, which the fp16 and int8 screens leave
+  for rare steps; the greedy choices of both for a few hidden states compared.
+
 Each pair runs alternately, `--rounds` times; the table gives the median.
 
     .venv/bin/python bench/fixed_costs.py              # about 1.5 minutes on 2 cores
@@ -347,6 +354,37 @@ def join_costs(model_dir: Path, rounds: int, rows: int = 56, length: int = 300, 
     return {k: statistics.median(v) for k, v in times.items()} | {"same_states": same, "mb": mb}
 
 
+def decoder_setup_costs(model_dir: Path, rounds: int) -> dict:
+    import torch
+
+    from lidr import packed_linear
+    from lidr.backends.decode import ContinuousDecoder
+    from lidr.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)
+    model = load_model(model_dir, dtype="float32", device="cpu").requires_grad_(False)
+    torch.manual_seed(0)
+    h = torch.randn(3, model.config.get_text_config().hidden_size) * 5
+    ContinuousDecoder(model, tokenizer, set(), packed_weights=True)  # the once-per-process costs (fp16 speed check)
+    times: dict[str, list[float]] = {"eager": [], "lazy": []}
+    choices = {}
+    for _ in range(rounds):
+        for name in ("eager", "lazy"):
+            packed_linear.unpack(model)  # the layers as loaded, for the next set-up to pack
+            t0 = time.perf_counter()
+            decoder = ContinuousDecoder(model, tokenizer, set(), packed_weights=True)
+            if name == "eager":
+                decoder._packed_head()  # the output layer packed at once, as before round 11
+            times[name].append(time.perf_counter() - t0)
+            with torch.inference_mode():
+                choices[name] = decoder._head(h).argmax(1)  # the full fp32 product: packs it now
+            del decoder
+    packed_linear.unpack(model)
+    mb = model.get_output_embeddings().weight.numel() * 4 / 1e6
+    return ({k: statistics.median(v) for k, v in times.items()}
+            | {"same_choices": torch.equal(choices["eager"], choices["lazy"]), "mb": mb})
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)  # PEFT calls a renamed transformers method
@@ -374,6 +412,7 @@ def main(argv=None) -> None:
     append = append_costs(model_dir, args.rounds)
     int8 = int8_copy_costs(model_dir, args.rounds)
     join = join_costs(model_dir, args.rounds)
+    setup = decoder_setup_costs(model_dir, args.rounds)
     tracked = collect["tracked"]
 
     def compared(cost, before, before_s, lidr, lidr_s, digits=2, ratio_digits=1):
@@ -398,6 +437,8 @@ def main(argv=None) -> None:
         compared("int8 output layer", "Int8Head built again", int8["build"], "Int8Head.of (kept copy)", int8["reuse"]),
         compared("rows join + a step", "torch.cat of padded caches", join["cat"], "_join into a buffer", join["lidr"],
                  digits=3),
+        compared("decoder set-up", "output layer packed at once", setup["eager"], "packed at its first use",
+                 setup["lazy"]),
     ]
     print(f"medians of {args.rounds} alternating rounds; {tracked} objects tracked by gc in this process")
     print(common.table(["cost", "before", "s", "lidr", "s", "ratio"], rows))
@@ -405,7 +446,9 @@ def main(argv=None) -> None:
           f"same merged weights: {merge['same_weights']}; same langid model: {lid['same_model']}; "
           f"same rows left in the {compaction['mb']:.0f} MB cache: {compaction['same_rows']}; "
           f"same states after a step: {append['same_states']}; same int8 bounds: {int8['same_bounds']}; "
-          f"same states after a join and a step ({join['mb']:.0f} MB cache): {join['same_states']}")
+          f"same states after a join and a step ({join['mb']:.0f} MB cache): {join['same_states']}; "
+          f"same choices of the output layer packed at once or later ({setup['mb']:.0f} MB not packed until "
+          f"needed): {setup['same_choices']}")
     print(common.keyvals({
         "tokenizer_plain_s": round(tok["plain"], 3), "tokenizer_lidr_s": round(tok["lidr"], 3), "merge_peft_s": round(merge["peft"], 3),
         "merge_lidr_s": round(merge["lidr"], 3), "gc_collect_s": round(collect["plain"], 3),
@@ -415,9 +458,11 @@ def main(argv=None) -> None:
         "row_leaves_lidr_s": round(compaction["lidr"], 4), "cache_step_transformers_s": round(append["transformers"], 4),
         "cache_step_lidr_s": round(append["lidr"], 4), "int8_build_s": round(int8["build"], 3),
         "int8_reuse_s": round(int8["reuse"], 3), "join_cat_s": round(join["cat"], 4), "join_lidr_s": round(join["lidr"], 4),
+        "setup_eager_head_s": round(setup["eager"], 3), "setup_lazy_head_s": round(setup["lazy"], 3),
         "same_ids": tok["same_ids"] and added["same_ids"], "same_weights": merge["same_weights"],
         "same_langid": lid["same_model"], "same_rows": compaction["same_rows"], "same_states": append["same_states"],
         "same_int8_bounds": int8["same_bounds"], "same_join_states": join["same_states"],
+        "same_setup_choices": setup["same_choices"],
         "rounds": args.rounds,
     }))
 

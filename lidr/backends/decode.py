@@ -13,9 +13,10 @@ What makes the work smaller, each exact (tests/test_decode.py checks every one a
 - prefill: prompts that begin alike (few-shot examples, a translation header) run their
   shared prefix once, as with vLLM's prefix caching (`_prefill`);
 - the output layer runs on the last position of the live rows only; on a CPU with
-  `packed_weights`, every frozen fp32 linear layer (output layer included) goes through
-  oneDNN with its weights reordered once (lidr/packed_linear.py: decoding steps of 4-32 rows
-  took 1.4-2x less time than through MKL), else the output layer is a blockwise `W @ h.T`
+  `packed_weights`, every frozen fp32 linear layer goes through oneDNN with its weights
+  reordered once (lidr/packed_linear.py: decoding steps of 4-32 rows took 1.4-2x less time
+  than through MKL; the output layer is reordered at its first full fp32 product, which the
+  screens below leave for rare steps), else the output layer is a blockwise `W @ h.T`
   (lidr/head.py); for a single row, an fp16 copy screens the vocabulary and only the tokens
   that can still win get exact fp32 logits (`_screened_choice`); for several rows, an int8
   copy gives every token a bound on its logit, and only tokens whose bound reaches an exact
