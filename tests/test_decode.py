@@ -56,6 +56,7 @@ def backend(request, tmp_path_factory):
     b = HFBackend(path, dtype="float32", device="cpu", packed_weights=packed)
     assert b.decoder.own_head  # the fast output layer reproduces the model's logits
     assert b.decoder.pack_head == (b.decoder.packed_layers > 0) == (packed and packed_linear.available())
+    assert b.decoder.packed_head is None  # the output layer is packed at its first full product, not at load
     b.plain = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     b.kind = kind
     return b
@@ -586,7 +587,7 @@ def test_int8_choice_reads_only_the_chunks_that_can_win(softcap, penalty):
     h = torch.randn(6, 256) * 3
     h[:, :4] += 60  # outlier channels
     dec = object.__new__(ContinuousDecoder)  # only what the choice reads
-    dec.head_weight, dec.head_bias, dec.packed_head, dec.softcap = w, None, None, softcap
+    dec.head_weight, dec.head_bias, dec.pack_head, dec.softcap = w, None, False, softcap
     w[69_990] = w[int((h[0] @ w.T).argmax())] * 0.999  # row 0's runner-up, in the partial last chunk
     dec.int8_head = Int8Head(w, h)
     # seen ids: each row's runner-up and random others
@@ -602,6 +603,14 @@ def test_int8_choice_reads_only_the_chunks_that_can_win(softcap, penalty):
     assert got is not None and torch.equal(got, want)
     if penalty == 0.7:  # the raised runners-up won somewhere
         assert bool((want == runner_up).any())
+    # The bounds' buffer is kept between steps: a smaller step, then a larger one (the buffer
+    # grows) choose as the fp32 layer does, and the soft-capping and penalties done in place
+    # left its padding past the vocabulary at -inf.
+    for rows in ([1, 3], list(range(6)) * 2):
+        idx = torch.tensor(rows)
+        got = dec._int8_choice(h[idx], seen[idx], None if col is None else col[idx])
+        assert torch.equal(got, want[idx])
+    assert len(dec.int8_head._out) == 12 and bool((dec.int8_head._out[:, 70_000:] == float("-inf")).all())
 
 
 @pytest.mark.slow
