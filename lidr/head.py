@@ -377,6 +377,9 @@ class Int8Head:
         if self._out is None or len(self._out) < rows:
             self._out = None  # free the smaller one first
             width = -(-self.vocab // CHUNK) * CHUNK
-            self._out = torch.empty(rows, width)
-            self._out[:, self.vocab:] = float("-inf")
+            # a normal tensor even when made under inference mode (the decoder's), so that a
+            # later call outside it may write into it
+            with torch.inference_mode(False):
+                self._out = torch.empty(rows, width)
+                self._out[:, self.vocab:] = float("-inf")
         return self._out[:rows]
