@@ -283,15 +283,14 @@ def append_costs(model_dir: Path, rounds: int, rows: int = 32, length: int = 200
     return {k: statistics.median(v) for k, v in times.items()} | {"same_states": same}
 
 
-def int8_copy_costs(model_dir: Path, rounds: int) -> dict:
+def int8_copy_costs(model, rounds: int) -> dict:
     import torch
 
     from lidr.head import Int8Head
-    from lidr.models import load_model
 
     if not Int8Head.available():
         return {"build": float("nan"), "reuse": float("nan"), "same_bounds": None}
-    weight = load_model(model_dir, dtype="float32", device="cpu").get_output_embeddings().weight.detach()
+    weight = model.get_output_embeddings().weight.detach()
     torch.manual_seed(0)
     h = torch.randn(8, weight.shape[1]) * 5
     times: dict[str, list[float]] = {"build": [], "reuse": []}
@@ -354,15 +353,12 @@ def join_costs(model_dir: Path, rounds: int, rows: int = 56, length: int = 300, 
     return {k: statistics.median(v) for k, v in times.items()} | {"same_states": same, "mb": mb}
 
 
-def decoder_setup_costs(model_dir: Path, rounds: int) -> dict:
+def decoder_setup_costs(model, tokenizer, rounds: int) -> dict:
     import torch
 
     from lidr import packed_linear
     from lidr.backends.decode import ContinuousDecoder
-    from lidr.models import load_model, load_tokenizer
 
-    tokenizer = load_tokenizer(model_dir)
-    model = load_model(model_dir, dtype="float32", device="cpu").requires_grad_(False)
     torch.manual_seed(0)
     h = torch.randn(3, model.config.get_text_config().hidden_size) * 5
     ContinuousDecoder(model, tokenizer, set(), packed_weights=True)  # the once-per-process costs (fp16 speed check)
@@ -410,9 +406,10 @@ def main(argv=None) -> None:
     collect = collect_costs(args.rounds, lambda: lora_model(model_dir))
     compaction = compaction_costs(model_dir, args.rounds)
     append = append_costs(model_dir, args.rounds)
-    int8 = int8_copy_costs(model_dir, args.rounds)
+    model = models.load_model(model_dir, dtype="float32", device="cpu").requires_grad_(False)  # as a backend loads it
+    int8 = int8_copy_costs(model, args.rounds)
     join = join_costs(model_dir, args.rounds)
-    setup = decoder_setup_costs(model_dir, args.rounds)
+    setup = decoder_setup_costs(model, models.load_tokenizer(model_dir), args.rounds)
     tracked = collect["tracked"]
 
     def compared(cost, before, before_s, lidr, lidr_s, digits=2, ratio_digits=1):

@@ -123,4 +123,11 @@ def memory_available() -> int | None:
     return None
 
 
-__all__ = ["available", "eligible", "linear", "memory_available", "on_x86", "pack", "pack_weight", "unpack"]
+def fits(nbytes: int) -> bool:
+    """Is there room for a packed copy of `nbytes` of weights? Twice that must be free (packing
+    gemma-3-270m's 1072 MB of linear weights raised RSS by 1062 MB; keep room for the rest)."""
+    free = memory_available()
+    return free is None or 2 * nbytes <= free
+
+
+__all__ = ["available", "eligible", "fits", "linear", "memory_available", "on_x86", "pack", "pack_weight", "unpack"]

@@ -284,6 +284,31 @@ def test_lone_row_guesses_ahead_and_keeps_the_greedy_answer(backend, penalty, mo
         assert any(len(chosen) > 1 for _, chosen in verified)
 
 
+def test_output_layer_is_packed_at_its_first_full_product_where_it_fits(tmp_path, monkeypatch):
+    """The output layer's oneDNN copy is made at the first step that needs the whole fp32
+    product, not at load; where the memory free then cannot hold it, the plain product runs
+    instead. Either way the answers are transformers' own."""
+    from transformers import AutoModelForCausalLM
+
+    from lidr import packed_linear
+
+    if not packed_linear.available():
+        pytest.skip("oneDNN's packed linear operators are not in this torch build")
+    path = _save_tiny(tmp_path, "llama")
+    for room in (True, False):
+        b = HFBackend(path, dtype="float32", device="cpu", packed_weights=True)
+        b.plain, b.decoder.eos_ids = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), set()
+        assert b.decoder.pack_head and b.decoder.packed_head is None and b.decoder.packed_layers == 7 * 2 + 1
+        if not room:  # the body was packed at load; nothing more fits now
+            monkeypatch.setattr(packed_linear, "memory_available", lambda: 0)
+        for p in PROMPTS[:3]:
+            want = b.tokenizer.decode(_reference(b, p, 8, 1.0, None), skip_special_tokens=True)
+            assert b.generate([p], max_new_tokens=8)[0].text == want, (room, p)
+        assert (b.decoder.packed_head is not None) == b.decoder.pack_head == room
+        assert b.decoder.packed_layers == 7 * 2 + room
+        b.close()
+
+
 def test_closing_a_packed_backend_frees_its_model(tmp_path):
     """The generation model (and its packed weight copies) is gone when `close` returns, not at
     some later garbage collection (a packed layer refers to itself): training loads next. And
@@ -587,7 +612,8 @@ def test_int8_choice_reads_only_the_chunks_that_can_win(softcap, penalty):
     h = torch.randn(6, 256) * 3
     h[:, :4] += 60  # outlier channels
     dec = object.__new__(ContinuousDecoder)  # only what the choice reads
-    dec.head_weight, dec.head_bias, dec.pack_head, dec.softcap = w, None, False, softcap
+    dec.head_weight, dec.head_bias, dec.softcap = w, None, softcap
+    dec.pack_head, dec.packed_head = False, None
     w[69_990] = w[int((h[0] @ w.T).argmax())] * 0.999  # row 0's runner-up, in the partial last chunk
     dec.int8_head = Int8Head(w, h)
     # seen ids: each row's runner-up and random others

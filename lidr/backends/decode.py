@@ -119,22 +119,19 @@ class ContinuousDecoder:
         forward = (self.body or model).forward
         self.cache_kw = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
         self.window = _sliding_window(self.new_cache())
-        # The output layer's weight in oneDNN's layout, packed at the first step that needs the
-        # whole fp32 product (`_packed_head`): with the fp16 and int8 screens that is seldom or
-        # never, and packing gemma-3-270m's took 0.4 s and 671 MB more memory.
-        self.packed_head = None
-        self.pack_head = False  # set below: whether `_head` runs through `packed_head`
-        self.packed_layers = self._pack() if packed_weights else 0  # (the output layer counted in)
+        self.packed_layers = self._pack() if packed_weights else 0
+        self.pack_head, self.packed_head = False, None  # (set below; the check runs the plain product)
         self.own_head = self.body is not None and self.head_weight is not None and self._own_head_matches()
-        if self.packed_layers and self._head_packable():
-            if self.own_head:
-                self.pack_head = True
-            else:  # the model's own forward computes the logits
-                self.packed_layers -= 1
+        # The output layer goes through oneDNN too (where we compute it ourselves), but its
+        # weight is reordered only at the first step that needs the whole fp32 product
+        # (`_packed_head`): with the fp16 and int8 screens that is seldom or never, and packing
+        # gemma-3-270m's took 0.4 s and 671 MB more memory.
+        w = self.head_weight
+        self.pack_head = bool(self.packed_layers and self.own_head and w.dtype == torch.float32 and not w.requires_grad)
+        self.packed_layers += self.pack_head  # counted with the others, packed or not yet
         self.half_head = self._half_head() if self.own_head else None
         # an int8 screen for steps of several rows (`_int8_choice`): None until the first such step
         # builds it from that step's hidden states, False where it is not used
-        w = self.head_weight
         self.int8_head = None if (packed_weights and self.own_head and self.device.type == "cpu"
                                   and w.dtype == torch.float32 and self.head_bias is None
                                   and w.numel() >= Int8Head.MIN_PARAMS and Int8Head.available()) else False
@@ -169,8 +166,8 @@ class ContinuousDecoder:
         for those vocabulary ids only (used without an output bias only)."""
         if tokens is not None:
             logits = F.linear(h, self.head_weight.index_select(0, tokens))  # 3-4x faster than [tokens]
-        elif self.pack_head:
-            logits = packed_linear.linear(h, self._packed_head(), self.head_bias)
+        elif self._packed_head() is not None:
+            logits = packed_linear.linear(h, self.packed_head, self.head_bias)
         elif h.device.type == "cpu":
             logits = logits_t(self.head_weight, h).T  # see lidr/head.py
             if self.head_bias is not None:
@@ -266,28 +263,26 @@ class ContinuousDecoder:
         return bool(torch.allclose(got, want, rtol=tol, atol=tol * max(1.0, float(want.abs().max()))))
 
     def _pack(self) -> int:
-        """Reorder the frozen fp32 CPU linear weights for oneDNN once (lidr/packed_linear.py),
-        where the copies fit in the memory free now. Returns how many layers were packed, the
-        output layer counted in (it is packed at its first use: `_packed_head`)."""
+        """Reorder the frozen fp32 CPU linear weights of the body for oneDNN once
+        (lidr/packed_linear.py), where the copies fit in the memory free now. Returns how many
+        layers were packed."""
         head = self.model.get_output_embeddings()
         layers = [m for m in self.model.modules() if packed_linear.eligible(m) and m is not head]
         if self.device.type != "cpu" or not layers or not packed_linear.available():
             return 0
-        nbytes = sum(m.weight.numel() * 4 for m in layers)
-        nbytes += self.head_weight.numel() * 4 if self._head_packable() else 0  # packed later, maybe
-        free = packed_linear.memory_available()
-        if free is not None and 2 * nbytes > free:  # measured: RSS +1062 MB for gemma-3-270m's 1072 MB; keep room
+        if not packed_linear.fits(sum(m.weight.numel() * 4 for m in layers)):
             return 0
-        n = packed_linear.pack(self.model, rows_hint=self.ROWS_HINT, skip=(head,), backward=False)
-        return n + self._head_packable()
+        return packed_linear.pack(self.model, rows_hint=self.ROWS_HINT, skip=(head,), backward=False)
 
-    def _head_packable(self) -> bool:
-        w = self.head_weight
-        return w is not None and w.dtype == torch.float32 and not w.requires_grad
-
-    def _packed_head(self) -> torch.Tensor:
-        if self.packed_head is None:
-            self.packed_head = packed_linear.pack_weight(self.head_weight, rows_hint=self.ROWS_HINT)
+    def _packed_head(self) -> torch.Tensor | None:
+        """The output layer's weight in oneDNN's layout, reordered at the first call where the
+        copy fits in the memory free then; None where it is not used (`pack_head`)."""
+        if self.pack_head and self.packed_head is None:
+            if packed_linear.fits(self.head_weight.numel() * 4):
+                self.packed_head = packed_linear.pack_weight(self.head_weight, rows_hint=self.ROWS_HINT)
+            else:  # the plain product from now on
+                self.pack_head = False
+                self.packed_layers -= 1
         return self.packed_head
 
     def _half_head(self) -> HalfHead | None:
@@ -296,8 +291,6 @@ class ContinuousDecoder:
         if self.device.type != "cpu" or w.dtype != torch.float32 or self.head_bias is not None:
             return None
         half = HalfHead(w)
-        # measured against the unpacked fp32 product (the packed one is not built yet; both read
-        # the whole fp32 weight for one row)
         if not half.finite or not HalfHead.faster(w, half.half):
             return None
         with torch.inference_mode():
