@@ -52,9 +52,16 @@ Round 11:
   11) against packed at its first full fp32 product, which the fp16 and int8 screens leave
   for rare steps; the greedy choices of both for a few hidden states compared.
 
+Round 12:
+
+- saving a trained model (a LoRA model merged with `merge_lora`, as the train stage saves
+  it): `save_pretrained` in one file (what the train stage did before round 12) against
+  `lidr.checkpoint.save_model` with the embedding, which LoRA leaves as loaded, linked from
+  the converted model's own file instead of written; both folders' tensors compared.
+
 Each pair runs alternately, `--rounds` times; the table gives the median.
 
-    .venv/bin/python bench/fixed_costs.py              # about 1.5 minutes on 2 cores
+    .venv/bin/python bench/fixed_costs.py              # about 2 minutes on 2 cores
     .venv/bin/python bench/fixed_costs.py --rounds 1   # smoke test
 """
 
@@ -381,6 +388,46 @@ def decoder_setup_costs(model, tokenizer, rounds: int) -> dict:
             | {"same_choices": torch.equal(choices["eager"], choices["lazy"]), "mb": mb})
 
 
+def save_costs(model_dir: Path, rounds: int) -> dict:
+    import json
+    import os
+    import shutil
+    import tempfile
+
+    import torch
+    from safetensors.torch import load_file
+
+    from lidr.checkpoint import save_model, vocabulary_matrices
+    from lidr.pipeline.train import merge_lora
+
+    model = merge_lora(lora_model(model_dir))  # merged layers in new memory, the embedding as loaded
+    unchanged = set(vocabulary_matrices(model))
+    times: dict[str, list[float]] = {"whole": [], "linked": []}
+    with tempfile.TemporaryDirectory(dir=".") as tmp:  # where a run folder would be
+        last: dict[str, Path] = {}
+        for i in range(rounds):
+            for name in ("whole", "linked"):
+                if name in last:
+                    shutil.rmtree(last[name])  # as a new save replaces a folder
+                out = last[name] = Path(tmp) / f"{name}-{i}"
+                gc.collect()
+                t0 = time.perf_counter()
+                if name == "whole":
+                    model.save_pretrained(out, safe_serialization=True)
+                else:
+                    done = save_model(model, out, source=model_dir, unchanged=unchanged)
+                times[name].append(time.perf_counter() - t0)
+        whole = load_file(last["whole"] / "model.safetensors")
+        files = set(json.loads((last["linked"] / "model.safetensors.index.json").read_text())["weight_map"].values())
+        linked = {k: v for f in files for k, v in load_file(last["linked"] / f).items()}
+        same = whole.keys() == linked.keys() and all(torch.equal(whole[k], linked[k]) for k in whole)
+        embed = last["linked"] / "model-embed_tokens.safetensors"
+        hard_link = embed.is_file() and os.path.samefile(embed, model_dir / "model-embed_tokens.safetensors")
+    return {k: statistics.median(v) for k, v in times.items()} | {
+        "same_tensors": same, "linked_names": done["linked"], "hard_link": hard_link,
+        "mb_linked": sum(model.state_dict()[k].numel() * model.state_dict()[k].element_size() for k in done["linked"]) / 1e6}
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)  # PEFT calls a renamed transformers method
@@ -410,6 +457,8 @@ def main(argv=None) -> None:
     int8 = int8_copy_costs(model, args.rounds)
     join = join_costs(model_dir, args.rounds)
     setup = decoder_setup_costs(model, models.load_tokenizer(model_dir), args.rounds)
+    del model
+    save = save_costs(model_dir, args.rounds)
     tracked = collect["tracked"]
 
     def compared(cost, before, before_s, lidr, lidr_s, digits=2, ratio_digits=1):
@@ -436,6 +485,8 @@ def main(argv=None) -> None:
                  digits=3),
         compared("decoder set-up", "output layer packed at once", setup["eager"], "packed at its first use",
                  setup["lazy"]),
+        compared("trained model save", "save_pretrained, one file", save["whole"],
+                 "save_model, embedding " + ("hard-linked" if save["hard_link"] else "copied"), save["linked"]),
     ]
     print(f"medians of {args.rounds} alternating rounds; {tracked} objects tracked by gc in this process")
     print(common.table(["cost", "before", "s", "lidr", "s", "ratio"], rows))
@@ -445,7 +496,8 @@ def main(argv=None) -> None:
           f"same states after a step: {append['same_states']}; same int8 bounds: {int8['same_bounds']}; "
           f"same states after a join and a step ({join['mb']:.0f} MB cache): {join['same_states']}; "
           f"same choices of the output layer packed at once or later ({setup['mb']:.0f} MB not packed until "
-          f"needed): {setup['same_choices']}")
+          f"needed): {setup['same_choices']}; same tensors saved whole or with {', '.join(save['linked_names']) or 'nothing'} "
+          f"({save['mb_linked']:.0f} MB) linked: {save['same_tensors']}")
     print(common.keyvals({
         "tokenizer_plain_s": round(tok["plain"], 3), "tokenizer_lidr_s": round(tok["lidr"], 3), "merge_peft_s": round(merge["peft"], 3),
         "merge_lidr_s": round(merge["lidr"], 3), "gc_collect_s": round(collect["plain"], 3),
@@ -459,7 +511,9 @@ def main(argv=None) -> None:
         "same_ids": tok["same_ids"] and added["same_ids"], "same_weights": merge["same_weights"],
         "same_langid": lid["same_model"], "same_rows": compaction["same_rows"], "same_states": append["same_states"],
         "same_int8_bounds": int8["same_bounds"], "same_join_states": join["same_states"],
-        "same_setup_choices": setup["same_choices"],
+        "same_setup_choices": setup["same_choices"], "save_whole_s": round(save["whole"], 3),
+        "save_linked_s": round(save["linked"], 3), "save_hard_link": save["hard_link"],
+        "same_saved_tensors": save["same_tensors"],
         "rounds": args.rounds,
     }))
 

@@ -121,17 +121,26 @@ def _stat_key(path: Path) -> tuple:
     return str(path.resolve()), st.st_size, st.st_mtime_ns
 
 
+# The converted folders' layout, part of their name: "split" = the vocabulary matrices in files
+# of their own (lidr/checkpoint.py). A folder of an older layout is left as it was (delete it
+# to reclaim its space) and the model is converted again once.
+CONVERTED_LAYOUT = "split"
+
+
 def _convert_gguf(gguf: Path, name: str, sha256: str | None = None) -> Path:
     """Dequantise a GGUF file to safetensors once; cached by the file's content digest (the
     start of its sha256: `file_digest`, or `sha256` where it is already known and checked,
-    which saves hashing the built-in model's 253 MB file twice, 0.24 s)."""
-    target = cache_dir() / "models" / f"{name}-{sha256[:16] if sha256 else file_digest(gguf)}"
+    which saves hashing the built-in model's 253 MB file twice, 0.24 s) and the folder's
+    layout (`CONVERTED_LAYOUT`)."""
+    digest = sha256[:16] if sha256 else file_digest(gguf)
+    target = cache_dir() / "models" / f"{name}-{digest}-{CONVERTED_LAYOUT}"
     if (target / "config.json").exists():
         _record_added_tokens(target)  # a folder converted before lidr wrote them
         return target
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from lidr.checkpoint import save_model
     from lidr.console import console
 
     console.print(f"[bold]Converting {gguf.name} to safetensors once[/] (cached in {target}) ...")
@@ -143,7 +152,7 @@ def _convert_gguf(gguf: Path, name: str, sha256: str | None = None) -> Path:
         del model.config.quantization_config
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    save_model(model, tmp)  # the embedding in a file of its own, which M1, M2 ... link (lidr/checkpoint.py)
     tok.save_pretrained(tmp)
     _record_added_tokens(tmp)
     os.replace(tmp, target)

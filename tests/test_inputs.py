@@ -124,7 +124,7 @@ def test_a_gguf_model_is_resolved_once_per_process(monkeypatch):
     assert resolve_model("gemma-3-270m") == first and len(calls) == 1
     # the folder is named by the file's sha256, which the package has just checked: not hashed again
     gguf = models._gguf_models["gemma-3-270m"][0]
-    assert not hashed and first.name == f"gemma-3-270m-{digest(gguf)}"
+    assert not hashed and first.name == f"gemma-3-270m-{digest(gguf)}-{models.CONVERTED_LAYOUT}"
     # a GGUF file that changed since (here: its mtime) is assembled and checked again
     gguf, (name, size, mtime), target = models._gguf_models["gemma-3-270m"]
     models._gguf_models["gemma-3-270m"] = (gguf, (name, size, mtime - 1), target)

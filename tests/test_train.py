@@ -399,7 +399,9 @@ def test_train_full_finetuning_one_step_replaces_out_dir(tiny, tmp_path):
     # no final pass by default (training.final_metrics)
     assert summary["final"] is None and summary["final_pass_seconds"] is None
     assert summary["final_reward_accuracy"] is None and summary["final_reward_margin"] is None
-    assert not (out / "stale.txt").exists() and (out / "model.safetensors").exists()
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors.index.json").exists()
+    # full fine-tuning trains the embedding too: written, not linked from the base model
+    assert summary["save_linked"] == [] and summary["save_written"] == ["model.embed_tokens.weight"]
     assert not list(tmp_path.glob(".model.*"))  # no temporary folders left behind
     _, base = _load(tiny)
     _, trained = _load(out)
@@ -413,8 +415,13 @@ def test_bf16_lora_saves_bf16(tiny, tmp_path):
     assert summary["dtype"] == "bfloat16" and math.isfinite(summary["final"]["loss"])
     from safetensors import safe_open
 
-    with safe_open(tmp_path / "model/model.safetensors", "pt") as f:  # merged, saved in the training dtype
-        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    dtypes = set()
+    for file in (tmp_path / "model").glob("*.safetensors"):  # merged, saved in the training dtype
+        with safe_open(file, "pt") as f:
+            dtypes |= {f.get_tensor(k).dtype for k in f.keys()}
+    assert dtypes == {torch.bfloat16}
+    # the base model's embedding is fp32: the bf16 one is a new file
+    assert summary["save_linked"] == [] and summary["save_written"] == ["model.embed_tokens.weight"]
 
 
 def test_truncate_rules():

@@ -472,21 +472,36 @@ def _summarize(sums: torch.Tensor, nll_weight: float) -> dict[str, float]:
             "reward_accuracy": m["correct"]}
 
 
-def _save_atomically(lm, tokenizer, out_dir: Path, tokenizer_from: Path) -> None:
+def _save_atomically(lm, tokenizer, out_dir: Path, source: Path, unchanged: set[str]) -> dict[str, list[str]]:
     """Write to a sibling temp folder, then swap it in; an older out_dir goes only once the new one is whole.
-    The tokenizer is the one loaded from `tokenizer_from`, unchanged: its files are copied."""
+    The tokenizer is the one loaded from `source`, unchanged: its files are copied. The
+    vocabulary matrices named in `unchanged` are linked from `source` where it has them in a
+    file of their own (lidr/checkpoint.py). Returns the matrices linked and written."""
+    from lidr.checkpoint import save_model
     from lidr.models import copy_tokenizer
 
     tmp, old = out_dir.with_name(f".{out_dir.name}.tmp"), out_dir.with_name(f".{out_dir.name}.old")
     for p in (tmp, old):
         shutil.rmtree(p, ignore_errors=True)
-    lm.save_pretrained(tmp, safe_serialization=True)
-    if not copy_tokenizer(tokenizer_from, tmp):
+    files = save_model(lm, tmp, source=source, unchanged=unchanged)
+    if not copy_tokenizer(source, tmp):
         tokenizer.save_pretrained(tmp)
     if out_dir.exists():
         out_dir.rename(old)
     tmp.rename(out_dir)
     shutil.rmtree(old, ignore_errors=True)
+    return files
+
+
+def _frozen_vocabulary(lm: nn.Module, vocab: dict[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
+    """Of the vocabulary matrices `vocab` (as loaded), those training and the LoRA merge leave
+    as they are: frozen, and not the base weight of a LoRA layer (a merge adds into it; a tied
+    output layer with LoRA counts for the embedding too). name -> (id, data pointer) of the
+    tensor, to check at the save that the model still holds that very tensor."""
+    from peft.tuners.lora import LoraLayer
+
+    merged = {id(m.get_base_layer().weight) for m in lm.modules() if isinstance(m, LoraLayer)}
+    return {name: (id(w), w.data_ptr()) for name, w in vocab.items() if not w.requires_grad and id(w) not in merged}
 
 
 def merge_lora(model):
@@ -631,10 +646,15 @@ def train_dpo_nll(model_path: str | Path, examples: list[dict], out_dir: str | P
     if cfg.gradient_checkpointing:
         enable = getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable
         enable({"use_reentrant": False})
+    frozen_vocab = {}  # the vocabulary matrices LoRA leaves as loaded: linked at the save, not written
     if cfg.lora is not None:
         from peft import get_peft_model
 
+        from lidr.checkpoint import vocabulary_matrices
+
+        vocab = vocabulary_matrices(lm)
         lm = get_peft_model(lm, _peft_config(cfg))
+        frozen_vocab = _frozen_vocabulary(lm, vocab)
     autocast = torch.autocast(acc.device.type, dtype=torch.bfloat16,
                               enabled=cfg.lora is None and dtype == torch.bfloat16)
     packed = 0
@@ -755,10 +775,16 @@ def train_dpo_nll(model_path: str | Path, examples: list[dict], out_dir: str | P
 
         packed_linear.unpack(acc.unwrap_model(policy).lm)  # frees the packed copies before merging
     lm = _consolidated_lm(acc, policy, model_path, cfg)
+    saved = {"linked": [], "written": []}
     if lm is not None:  # the main process
+        from lidr.checkpoint import vocabulary_matrices
+
         if cfg.lora is not None:
             lm = merge_lora(lm)
-        _save_atomically(lm.to(dtype), tokenizer, out_dir, tokenizer_from=Path(model_path))
+        lm = lm.to(dtype)
+        unchanged = {name for name, w in vocabulary_matrices(lm).items()
+                     if frozen_vocab.get(name) == (id(w), w.data_ptr())}
+        saved = _save_atomically(lm, tokenizer, out_dir, Path(model_path), unchanged)
     acc.wait_for_everyone()
     del lm, policy, optimizer, params  # the caller reloads from disk; free the memory now
     acc.free_memory()  # collects garbage (gc.collect) as well
@@ -774,6 +800,8 @@ def train_dpo_nll(model_path: str | Path, examples: list[dict], out_dir: str | P
         "seconds": round(time.time() - t0, 3), "ref_seconds": round(ref_seconds, 3),
         "train_seconds": round(train_seconds, 3), "seconds_per_step": round(train_seconds / max(step, 1), 3),
         "final_pass_seconds": final_seconds, "save_seconds": round(time.time() - t_save, 3),
+        # vocabulary matrices taken from the model trained from (hard-linked; copied across file systems) or written
+        "save_linked": saved["linked"], "save_written": saved["written"],
         "initial": initial, "first_step": records[0] if records else None,
         "last_step": records[-1] if records else None,
         # null unless training.final_metrics (then: all pairs scored again after training)
