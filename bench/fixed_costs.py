@@ -36,8 +36,9 @@ Round 10:
 
 - the int8 copy of the output layer for a later backend (every iteration's model under LoRA has
   its first model's output layer): building it again (`Int8Head(w, h)`, what each backend did
-  in round 9) against `Int8Head.of(w, h)` with the copy already built (a SHA-256 of the weight
-  finds it); the bounds of both copies compared on hidden states.
+  in round 9) against `Int8Head.of(w, h)` with the copy already built (a hash of the weight
+  finds it: SHA-256 in rounds 10-11, XXH3-128 since round 12); the bounds of both copies
+  compared on hidden states.
 
 - new rows joining a running batch: the caches concatenated with their padding (`torch.cat`,
   what `_join` did before) against `_join` writing them once into a buffer with room, on the

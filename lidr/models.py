@@ -256,48 +256,59 @@ def _gc_paused():
 def copy_tokenizer(src: str | Path, dst: str | Path) -> bool:
     """Copy a local model folder's tokenizer files into `dst`, for a tokenizer loaded from `src`
     and not changed since: it loads back the same, and copying takes 0.02 s where
-    `save_pretrained` re-serialises Gemma 3's 33 MB tokenizer.json in 1.0 s. Only when `src` has
+    `save_pretrained` re-serialises Gemma 3's 33 MB tokenizer.json in 1.0 s (and the copies are
+    known to `_tokenizer_key` without hashing them again). Only when `src` has
     tokenizer.json and tokenizer_config.json (the whole fast tokenizer); otherwise copies nothing
     and returns False, and the caller saves the tokenizer the usual way."""
     src, dst = Path(src), Path(dst)
     if not all((src / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
         return False
+    before = _file_stats(src)
     dst.mkdir(parents=True, exist_ok=True)
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copyfile(src / name, dst / name)
+    # The copies hold the bytes `src` held when it was hashed, if it is the same files now:
+    # the next stage's `load_tokenizer(dst)` need not hash them again.
+    if before in _tokenizer_digests and _file_stats(src) == before:
+        _tokenizer_digests[_file_stats(dst)] = _tokenizer_digests[before]
     return True
 
 
-_tokenizer_keys: dict[tuple, str] = {}  # the files' paths, sizes and mtimes -> their digest
+_tokenizer_digests: dict[tuple, str] = {}  # tokenizer files (name, inode, size, mtime) -> digest of their bytes
+
+
+def _file_stats(folder: Path) -> tuple:
+    """The tokenizer files of `folder` as (name, device, inode, size, mtime): the same tuple for
+    the same files, even when their folder was renamed."""
+    return tuple((name, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) for name in TOKENIZER_FILES
+                 if (folder / name).is_file() for st in ((folder / name).stat(),))
 
 
 def _tokenizer_key(path: str | Path) -> str | None:
     """A digest of a local folder's tokenizer files (and the model type, which can pick the
-    tokenizer class); None for anything else (a Hub id). Worked out once per process while
-    the files' sizes and mtimes stay the same: every stage asks, and hashing Gemma 3's
-    33 MB tokenizer.json takes 0.15 s."""
+    tokenizer class); None for anything else (a Hub id). The files are hashed once per process
+    while they stay the same files (inode, size, mtime): every stage asks, and hashing Gemma 3's
+    33 MB tokenizer.json takes 0.1-0.15 s. `copy_tokenizer` records its copies as hashed."""
     import hashlib
     import json
 
     folder = Path(path)
     if not folder.is_dir():
         return None
-    files = [folder / name for name in (*TOKENIZER_FILES, "config.json") if (folder / name).is_file()]
-    stats = tuple(_stat_key(f) for f in files)
-    if stats in _tokenizer_keys:
-        return _tokenizer_keys[stats]
-    h = hashlib.sha256()
-    for f in files:
-        if f.name != "config.json":
-            h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    stats = _file_stats(folder)
+    files = _tokenizer_digests.get(stats)
+    if files is None:
+        h = hashlib.sha256()
+        for name, *_ in stats:
+            h.update(name.encode() + b"\0" + (folder / name).read_bytes() + b"\0")
+        files = _tokenizer_digests[stats] = h.hexdigest()
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         config = {}
-    h.update(repr((config.get("model_type"), config.get("tokenizer_class"))).encode())
-    _tokenizer_keys[stats] = h.hexdigest()
-    return _tokenizer_keys[stats]
+    kind = repr((config.get("model_type"), config.get("tokenizer_class")))
+    return hashlib.sha256(f"{files} {kind}".encode()).hexdigest()
 
 
 def load_model(path: str | Path, dtype: str = "auto", device: str | None = None, trust_remote_code: bool = False):

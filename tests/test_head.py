@@ -69,3 +69,25 @@ def test_half_screen_refuses_weights_fp16_cannot_hold(bad, usable):
         h = torch.randn(1, 16) * 1e-3
         approx, eps = half.approx(h)
         assert float((approx - h @ w.T).abs().max()) <= eps
+
+
+def test_int8_copy_is_kept_for_the_same_weight_only():
+    """`Int8Head.of` hands back the kept copy for a weight of the same bytes, shape and dtype
+    (another tensor, e.g. the next iteration's model), and builds anew when one bit differs."""
+    from lidr.head import Int8Head, fingerprint
+
+    if not Int8Head.available():
+        pytest.skip("fbgemm's int8 kernels are for x86")
+    torch.manual_seed(0)
+    w, h = torch.randn(4096, 64), torch.randn(3, 64)
+    Int8Head.forget()
+    try:
+        kept = Int8Head.of(w, h)
+        assert Int8Head.of(w.clone(), h) is kept
+        changed = w.clone()
+        changed.view(torch.int32)[1234, 5] ^= 1  # the lowest bit of one weight
+        assert Int8Head.of(changed, h) is not kept
+        # the same bytes as another shape or dtype are another tensor
+        assert len({fingerprint(w), fingerprint(w.view(64, 4096)), fingerprint(w.view(torch.int32))}) == 3
+    finally:
+        Int8Head.forget()

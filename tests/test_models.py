@@ -22,7 +22,7 @@ from tiny import save_tiny_gemma3, word_tokenizer
 def fresh(monkeypatch):
     """No tokenizer held in this process yet."""
     monkeypatch.setattr(models, "_tokenizers", {})
-    monkeypatch.setattr(models, "_tokenizer_keys", {})
+    monkeypatch.setattr(models, "_tokenizer_digests", {})
 
 
 def _gc_state_inside(monkeypatch, cls) -> list[bool]:
@@ -222,3 +222,28 @@ def test_merge_lora_leaves_a_tied_weight_to_peft(tiny_path):
     lidr, lidr_tied, _ = _merged(tiny_path, "lidr", **lora)
     peft, peft_tied, _ = _merged(tiny_path, "peft", **lora)
     assert _same(lidr, peft) and lidr_tied == peft_tied
+
+
+def test_copied_tokenizer_files_are_known_without_hashing_them_again(fresh, tmp_path, monkeypatch):
+    """A trained model's folder gets the tokenizer files copied (`copy_tokenizer`) and is then
+    renamed into place; loading its tokenizer hands back the one already built, without reading
+    the files again. Files that changed since are read, and make another tokenizer."""
+    from pathlib import Path
+
+    from lidr.models import copy_tokenizer
+
+    words = "the cat sat on a mat".split()
+    src = tmp_path / "m0"
+    word_tokenizer(words).save_pretrained(src)
+    tok = load_tokenizer(src)
+    assert copy_tokenizer(src, tmp_path / ".m1.tmp")
+    (tmp_path / ".m1.tmp").rename(tmp_path / "m1")
+    read = []
+    real = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda p: read.append(p.name) or real(p))
+    assert load_tokenizer(tmp_path / "m1") is tok and read == []
+    # another tokenizer written over the copy: hashed, and built anew
+    word_tokenizer(words + ["dog"]).save_pretrained(tmp_path / "m1")
+    other = load_tokenizer(tmp_path / "m1")
+    assert other is not tok and "tokenizer.json" in read
+    assert other("dog").input_ids != tok("dog").input_ids
