@@ -139,7 +139,7 @@ def _linkable(source: Path, name: str, w: torch.Tensor) -> Path | None:
             return None
         rows = w.shape[0] if w.dim() else 0
         for start in {0, rows // 2, max(rows - 8, 0)} if rows else ():
-            if not _bits_equal(stored[start:start + 8], w.detach()[start:start + 8]):
+            if not _bits_equal(stored[start:start + 8], w.detach()[start:start + 8].cpu()):
                 return None
     return path
 

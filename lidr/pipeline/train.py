@@ -493,15 +493,16 @@ def _save_atomically(lm, tokenizer, out_dir: Path, source: Path, unchanged: set[
     return files
 
 
-def _frozen_vocabulary(lm: nn.Module, vocab: dict[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
+def _frozen_vocabulary(lm: nn.Module, vocab: dict[str, torch.Tensor]) -> dict[str, int]:
     """Of the vocabulary matrices `vocab` (as loaded), those training and the LoRA merge leave
     as they are: frozen, and not the base weight of a LoRA layer (a merge adds into it; a tied
-    output layer with LoRA counts for the embedding too). name -> (id, data pointer) of the
-    tensor, to check at the save that the model still holds that very tensor."""
+    output layer with LoRA counts for the embedding too). name -> id of the parameter, to check
+    at the save that the model still holds that very parameter (moved to a device, perhaps:
+    the same bytes; `save_model` checks dtype, shape and sampled rows against the file)."""
     from peft.tuners.lora import LoraLayer
 
     merged = {id(m.get_base_layer().weight) for m in lm.modules() if isinstance(m, LoraLayer)}
-    return {name: (id(w), w.data_ptr()) for name, w in vocab.items() if not w.requires_grad and id(w) not in merged}
+    return {name: id(w) for name, w in vocab.items() if not w.requires_grad and id(w) not in merged}
 
 
 def merge_lora(model):
@@ -782,8 +783,7 @@ def train_dpo_nll(model_path: str | Path, examples: list[dict], out_dir: str | P
         if cfg.lora is not None:
             lm = merge_lora(lm)
         lm = lm.to(dtype)
-        unchanged = {name for name, w in vocabulary_matrices(lm).items()
-                     if frozen_vocab.get(name) == (id(w), w.data_ptr())}
+        unchanged = {name for name, w in vocabulary_matrices(lm).items() if frozen_vocab.get(name) == id(w)}
         saved = _save_atomically(lm, tokenizer, out_dir, Path(model_path), unchanged)
     acc.wait_for_everyone()
     del lm, policy, optimizer, params  # the caller reloads from disk; free the memory now
