@@ -10,7 +10,7 @@ it is not tied to it) goes to a file of its own, and model.safetensors.index.jso
 files: an ordinary sharded checkpoint that transformers, vLLM and safetensors load as any
 other. A matrix the caller knows to be as it was loaded from `source`, where one file holds it
 alone, is hard-linked from that file (copied where the file system cannot link) instead of
-written: for gemma-3-270m, 0.6-1.3 s less per save on this machine (bench/README.md).
+written: for gemma-3-270m, 0.7-1.0 s less per save on this machine (bench/README.md, round 12).
 
 A linked file is one file under two names, so writing into it in place would change every
 folder that links it. lidr never does (every save writes a new folder and swaps it in), and
