@@ -402,7 +402,7 @@ def save_costs(model_dir: Path, rounds: int) -> dict:
     from lidr.pipeline.train import merge_lora
 
     model = merge_lora(lora_model(model_dir))  # merged layers in new memory, the embedding as loaded
-    unchanged = set(vocabulary_matrices(model))
+    as_loaded = list(vocabulary_matrices(model).values())  # LoRA left them as loaded
     times: dict[str, list[float]] = {"whole": [], "linked": []}
     with tempfile.TemporaryDirectory(dir=".") as tmp:  # where a run folder would be
         last: dict[str, Path] = {}
@@ -416,7 +416,7 @@ def save_costs(model_dir: Path, rounds: int) -> dict:
                 if name == "whole":
                     model.save_pretrained(out, safe_serialization=True)
                 else:
-                    done = save_model(model, out, source=model_dir, unchanged=unchanged)
+                    done = save_model(model, out, source=model_dir, as_loaded=as_loaded)
                 times[name].append(time.perf_counter() - t0)
         whole = load_file(last["whole"] / "model.safetensors")
         files = set(json.loads((last["linked"] / "model.safetensors.index.json").read_text())["weight_map"].values())

@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -56,12 +57,12 @@ def vocabulary_matrices(model) -> dict[str, torch.Tensor]:
 
 
 def save_model(model, out_dir: str | Path, *, source: str | Path | None = None,
-               unchanged: set[str] = frozenset()) -> dict[str, list[str]]:
+               as_loaded: Sequence[torch.Tensor] = ()) -> dict[str, list[str]]:
     """`model.save_pretrained(out_dir)` in safetensors, with each vocabulary matrix in a file
-    of its own. A matrix named in `unchanged` (the caller's promise: the same tensor, bytes
-    untouched, as loaded from the folder `source`) is linked from the file of `source` that
-    holds it alone, after a check of its dtype, shape and sampled rows; otherwise it is
-    written. Returns the names linked and written."""
+    of its own. A matrix that is one of the tensors `as_loaded` (the caller's promise: its
+    bytes are untouched since it was loaded from the folder `source`) is linked from the file
+    of `source` that holds it alone, after a check of its dtype, shape and sampled rows;
+    otherwise it is written. Returns the names linked and written."""
     out_dir = Path(out_dir)
     vocab = vocabulary_matrices(model)
     body = {k: v for k, v in model.state_dict().items() if not any(_same(v, w) for w in vocab.values())}
@@ -76,7 +77,8 @@ def save_model(model, out_dir: str | Path, *, source: str | Path | None = None,
     for name, w in vocab.items():
         file = _file_name(name, used)
         used.add(file)
-        linked = _linkable(Path(source), name, w) if source is not None and name in unchanged else None
+        kept = source is not None and any(w is t for t in as_loaded)
+        linked = _linkable(Path(source), name, w) if kept else None
         if linked is not None:
             _link_or_copy(linked, out_dir / file)
         else:
@@ -127,12 +129,11 @@ def _linkable(source: Path, name: str, w: torch.Tensor) -> Path | None:
         files = _weight_map(source)
     except (OSError, ValueError, KeyError):
         return None
-    file = files.get(name)
-    if file is None or sum(f == file for f in files.values()) != 1 or not (source / file).is_file():
+    path = source / files[name] if name in files else None
+    if path is None or not path.is_file():
         return None
-    path = source / file
     with safe_open(path, "pt") as f:
-        if set(f.keys()) != {name}:  # the index and the file disagree
+        if set(f.keys()) != {name}:  # the file holds other tensors too
             return None
         stored = f.get_slice(name)
         if stored.get_dtype() != _DTYPES.get(w.dtype) or list(stored.get_shape()) != list(w.shape):

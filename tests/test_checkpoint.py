@@ -133,14 +133,19 @@ def test_a_source_file_that_differs_is_not_linked(tiny, tmp_path):
     t = load_file(bad / "model-embed_tokens.safetensors")
     t[EMBED][-1] += 1
     save_file(t, bad / "model-embed_tokens.safetensors", metadata={"format": "pt"})
-    assert save_model(model, tmp_path / "a", source=bad, unchanged={EMBED})["written"] == [EMBED]
+    loaded = [model.model.embed_tokens.weight]
+    assert save_model(model, tmp_path / "a", source=bad, as_loaded=loaded)["written"] == [EMBED]
     # the source keeps the matrix with other tensors (one safetensors file): nothing to link
-    assert save_model(model, tmp_path / "b", source=tiny, unchanged={EMBED})["written"] == [EMBED]
+    assert save_model(model, tmp_path / "b", source=tiny, as_loaded=loaded)["written"] == [EMBED]
     # the same file, but the model's matrix is now bf16
     half = _load(tiny).to(torch.bfloat16)
-    assert save_model(half, tmp_path / "c", source=tmp_path / "src", unchanged={EMBED})["written"] == [EMBED]
+    assert save_model(half, tmp_path / "c", source=tmp_path / "src",
+                      as_loaded=[half.model.embed_tokens.weight])["written"] == [EMBED]
     # and the good case: linked, the same file
-    assert save_model(model, tmp_path / "d", source=tmp_path / "src", unchanged={EMBED})["linked"] == [EMBED]
+    assert save_model(model, tmp_path / "d", source=tmp_path / "src", as_loaded=loaded)["linked"] == [EMBED]
+    # a tensor the caller does not vouch for is written, even with the same bytes
+    assert save_model(model, tmp_path / "e", source=tmp_path / "src",
+                      as_loaded=[model.model.embed_tokens.weight.clone()])["written"] == [EMBED]
     assert os.path.samefile(tmp_path / "d" / "model-embed_tokens.safetensors",
                             tmp_path / "src" / "model-embed_tokens.safetensors")
 
@@ -155,7 +160,8 @@ def test_across_file_systems_the_matrix_is_copied(tiny, tmp_path):
         save_model(model, src)
         if os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
             pytest.skip("/dev/shm is on the same file system here")
-        assert save_model(model, tmp_path / "m", source=src, unchanged={EMBED})["linked"] == [EMBED]
+        assert save_model(model, tmp_path / "m", source=src,
+                          as_loaded=[model.model.embed_tokens.weight])["linked"] == [EMBED]
         out = tmp_path / "m" / "model-embed_tokens.safetensors"
         assert not os.path.samefile(out, src / "model-embed_tokens.safetensors")
         assert out.read_bytes() == (src / "model-embed_tokens.safetensors").read_bytes()

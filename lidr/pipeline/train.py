@@ -472,18 +472,18 @@ def _summarize(sums: torch.Tensor, nll_weight: float) -> dict[str, float]:
             "reward_accuracy": m["correct"]}
 
 
-def _save_atomically(lm, tokenizer, out_dir: Path, source: Path, unchanged: set[str]) -> dict[str, list[str]]:
+def _save_atomically(lm, tokenizer, out_dir: Path, source: Path, as_loaded: list[torch.Tensor]) -> dict[str, list[str]]:
     """Write to a sibling temp folder, then swap it in; an older out_dir goes only once the new one is whole.
     The tokenizer is the one loaded from `source`, unchanged: its files are copied. The
-    vocabulary matrices named in `unchanged` are linked from `source` where it has them in a
-    file of their own (lidr/checkpoint.py). Returns the matrices linked and written."""
+    vocabulary matrices among `as_loaded` are linked from `source` where it has them in a file
+    of their own (lidr/checkpoint.py). Returns the matrices linked and written."""
     from lidr.checkpoint import save_model
     from lidr.models import copy_tokenizer
 
     tmp, old = out_dir.with_name(f".{out_dir.name}.tmp"), out_dir.with_name(f".{out_dir.name}.old")
     for p in (tmp, old):
         shutil.rmtree(p, ignore_errors=True)
-    files = save_model(lm, tmp, source=source, unchanged=unchanged)
+    files = save_model(lm, tmp, source=source, as_loaded=as_loaded)
     if not copy_tokenizer(source, tmp):
         tokenizer.save_pretrained(tmp)
     if out_dir.exists():
@@ -493,16 +493,16 @@ def _save_atomically(lm, tokenizer, out_dir: Path, source: Path, unchanged: set[
     return files
 
 
-def _frozen_vocabulary(lm: nn.Module, vocab: dict[str, torch.Tensor]) -> dict[str, int]:
+def _frozen_vocabulary(lm: nn.Module, vocab: list[torch.Tensor]) -> list[torch.Tensor]:
     """Of the vocabulary matrices `vocab` (as loaded), those training and the LoRA merge leave
     as they are: frozen, and not the base weight of a LoRA layer (a merge adds into it; a tied
-    output layer with LoRA counts for the embedding too). name -> id of the parameter, to check
-    at the save that the model still holds that very parameter (moved to a device, perhaps:
-    the same bytes; `save_model` checks dtype, shape and sampled rows against the file)."""
+    output layer with LoRA counts for the embedding too). `save_model` links one only if the
+    model still holds that very parameter (moved to a device, perhaps: the same bytes), after
+    checking its dtype, shape and sampled rows against the file."""
     from peft.tuners.lora import LoraLayer
 
     merged = {id(m.get_base_layer().weight) for m in lm.modules() if isinstance(m, LoraLayer)}
-    return {name: id(w) for name, w in vocab.items() if not w.requires_grad and id(w) not in merged}
+    return [w for w in vocab if not w.requires_grad and id(w) not in merged]
 
 
 def merge_lora(model):
@@ -647,13 +647,13 @@ def train_dpo_nll(model_path: str | Path, examples: list[dict], out_dir: str | P
     if cfg.gradient_checkpointing:
         enable = getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable
         enable({"use_reentrant": False})
-    frozen_vocab = {}  # the vocabulary matrices LoRA leaves as loaded: linked at the save, not written
+    frozen_vocab = []  # the vocabulary matrices LoRA leaves as loaded: linked at the save, not written
     if cfg.lora is not None:
         from peft import get_peft_model
 
         from lidr.checkpoint import vocabulary_matrices
 
-        vocab = vocabulary_matrices(lm)
+        vocab = list(vocabulary_matrices(lm).values())
         lm = get_peft_model(lm, _peft_config(cfg))
         frozen_vocab = _frozen_vocabulary(lm, vocab)
     autocast = torch.autocast(acc.device.type, dtype=torch.bfloat16,
@@ -778,15 +778,11 @@ def train_dpo_nll(model_path: str | Path, examples: list[dict], out_dir: str | P
     lm = _consolidated_lm(acc, policy, model_path, cfg)
     saved = {"linked": [], "written": []}
     if lm is not None:  # the main process
-        from lidr.checkpoint import vocabulary_matrices
-
         if cfg.lora is not None:
             lm = merge_lora(lm)
-        lm = lm.to(dtype)
-        unchanged = {name for name, w in vocabulary_matrices(lm).items() if frozen_vocab.get(name) == id(w)}
-        saved = _save_atomically(lm, tokenizer, out_dir, Path(model_path), unchanged)
+        saved = _save_atomically(lm.to(dtype), tokenizer, out_dir, Path(model_path), frozen_vocab)
     acc.wait_for_everyone()
-    del lm, policy, optimizer, params  # the caller reloads from disk; free the memory now
+    del lm, policy, optimizer, params, frozen_vocab  # the caller reloads from disk; free the memory now
     acc.free_memory()  # collects garbage (gc.collect) as well
     release_memory(collect=False)
 

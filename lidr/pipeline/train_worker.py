@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     train_dpo_nll(job["model"], examples, job["out_dir"], cfg, seed=job["seed"], log_dir=job["log_dir"])
     # Tear the process group down before exiting, as accelerate's `end_training` does, rather
     # than leave gloo's threads to interpreter exit. (One CI run of the two-process test lost a
-    # worker to "terminate called without an active exception", SIGABRT; 14 reruns did not.)
+    # worker to "terminate called without an active exception", SIGABRT; 11 reruns did not.)
     from accelerate import PartialState
 
     PartialState().destroy_process_group()
