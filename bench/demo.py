@@ -7,7 +7,8 @@ process, with evaluation off (`--set eval.enabled=false`: the loop's four stages
 - forward: every outermost call of a transformers model (the training body) or of lidr's
   `ResponseLogProbs` (training: body + output layer) or of the decoder's per-step forward
   (`ContinuousDecoder._step`: body + output layer + the greedy choice; `_verify`: the same
-  for a lone row's step that checks guessed tokens);
+  for a lone row's step that checks guessed tokens; `_fill`: a shared prefix's forward,
+  which for Gemma 3 runs outside any module call: lidr/backends/gemma3_body.py);
 - backward: every `torch.autograd.backward` (`loss.backward()`), checkpoint
   recomputation included.
 
@@ -110,6 +111,7 @@ class ModelTimer:
         # a step, and a lone row's step with guessed tokens: each runs its output layer too
         ContinuousDecoder._step = timed(ContinuousDecoder._step)
         ContinuousDecoder._verify = timed(ContinuousDecoder._verify)
+        ContinuousDecoder._fill = timed(ContinuousDecoder._fill)  # a shared prefix's forward
         build = ContinuousDecoder._build_int8_head
 
         def build_outside(decoder, *args):  # quantizing and packing the output layer: overhead

@@ -65,9 +65,9 @@ def main(argv=None) -> None:
             for _ in range(args.steps + 1):  # the first step is a warm-up
                 mask = torch.cat([mask, mask.new_ones(b, 1)], 1)
                 t0 = time.perf_counter()
-                # lidr's step: the body, then its output layer on the last position (decode.py)
-                h = dec.body(input_ids=nxt, attention_mask=mask, past_key_values=past, use_cache=True,
-                             position_ids=mask.sum(-1, keepdim=True) - 1).last_hidden_state[:, -1]
+                # lidr's step: the body (lidr/backends/gemma3_body.py for Gemma 3), then its
+                # output layer on the last position (decode.py)
+                h = dec._hidden(nxt, mask, mask.sum(-1, keepdim=True) - 1, past)[:, -1]
                 nxt = dec._head(h).argmax(-1, keepdim=True)
                 times.append(time.perf_counter() - t0)
             step = sum(times[1:]) / args.steps

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from lidr import packed_linear
+from lidr.backends.gemma3_body import Gemma3Body
 from lidr.head import CHUNK, HalfHead, Int8Head, logits_t
 
 
@@ -122,6 +123,11 @@ class ContinuousDecoder:
         self.packed_layers = self._pack() if packed_weights else 0
         self.pack_head, self.packed_head = False, None  # (set below; the check runs the plain product)
         self.own_head = self.body is not None and self.head_weight is not None and self._own_head_matches()
+        # Gemma 3's body in fewer operator calls (lidr/backends/gemma3_body.py), where it gives
+        # the probe's hidden states bit for bit
+        self.fast_body = Gemma3Body.of(self.body) if self.own_head else None
+        if self.fast_body is not None and not self._fast_body_matches():
+            self.fast_body = None
         # The output layer goes through oneDNN too (where we compute it ourselves), but its
         # weight is reordered only at the first step that needs the whole fp32 product
         # (`_packed_head`): with the fp16 and int8 screens that is seldom or never, and packing
@@ -143,10 +149,18 @@ class ContinuousDecoder:
     def _step(self, ids, mask, pos, cache, seen, penalty) -> torch.Tensor:
         """Run the new tokens through the model (filling `cache`) and choose each row's next
         token greedily, after the repetition penalty (`penalty`: a column, or None)."""
-        kw = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, self.cache_kw: cache, "use_cache": True}
         if not self.own_head:
+            kw = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, self.cache_kw: cache, "use_cache": True}
             return _choose(self.model(**kw, logits_to_keep=1).logits[:, -1].float(), seen, penalty)
-        return self._choose_from(self.body(**kw).last_hidden_state[:, -1], seen, penalty)
+        return self._choose_from(self._hidden(ids, mask, pos, cache)[:, -1], seen, penalty)
+
+    def _hidden(self, ids, mask, pos, cache) -> torch.Tensor:
+        """The body's final hidden states [rows, new tokens, hidden], the new tokens' keys and
+        values appended to `cache`; through `fast_body` while the cache holds every position."""
+        if self.fast_body is not None and self._room(cache, ids.shape[1]):
+            return self.fast_body(ids, mask, pos, cache)
+        kw = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, self.cache_kw: cache, "use_cache": True}
+        return self.body(**kw).last_hidden_state
 
     def _choose_from(self, h: torch.Tensor, seen, penalty) -> torch.Tensor:
         """The greedy next token of each row of final hidden states `h` [rows, hidden] (our own
@@ -260,7 +274,19 @@ class ContinuousDecoder:
             got = self._head(h)
         self._probe = h
         tol = 1e-2 if self.head_weight.dtype != torch.float32 else 1e-3
+        self._probe_ids = ids
         return bool(torch.allclose(got, want, rtol=tol, atol=tol * max(1.0, float(want.abs().max()))))
+
+    def _fast_body_matches(self) -> bool:
+        """`fast_body` gives the body's own hidden states for the probe, bit for bit (a
+        transformers release that changed Gemma 3's arithmetic would fail here)."""
+        ids = self._probe_ids
+        mask = torch.ones_like(ids)
+        pos = torch.arange(ids.shape[1], device=self.device)[None]
+        try:
+            return torch.equal(self.fast_body(ids, mask, pos, self.new_cache())[:, -1], self._probe)
+        except Exception:  # an attribute or signature it does not know: transformers' forward
+            return False
 
     def _pack(self) -> int:
         """Reorder the frozen fp32 CPU linear weights of the body for oneDNN once
@@ -424,12 +450,12 @@ class ContinuousDecoder:
         start = int(mask.sum()) - 1  # position of `nxt`
         full = torch.cat([mask, mask.new_ones(1, n - 1)], 1)
         pos = torch.arange(start, start + n, device=self.device)[None]
-        kw = {"input_ids": ids, "attention_mask": full, "position_ids": pos, self.cache_kw: cache, "use_cache": True}
         if penalty is not None:  # the guesses come from the row's prompt and answer: all in `seen`
             seen, penalty = seen.expand(n, -1).contiguous(), penalty.expand(n, 1)
         if self.own_head:  # the positions are screened like the rows of a step
-            best = self._choose_from(self.body(**kw).last_hidden_state[0], seen, penalty).tolist()
+            best = self._choose_from(self._hidden(ids, full, pos, cache)[0], seen, penalty).tolist()
         else:
+            kw = {"input_ids": ids, "attention_mask": full, "position_ids": pos, self.cache_kw: cache, "use_cache": True}
             best = _choose(self.model(**kw, logits_to_keep=n).logits[0].float(), seen, penalty).tolist()
         chosen = []
         for j, t in enumerate(best):
@@ -528,10 +554,10 @@ class ContinuousDecoder:
 
     def _fill(self, ids, mask, pos, cache) -> None:
         """A forward that only fills the cache (a shared prefix)."""
-        kw = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, self.cache_kw: cache, "use_cache": True}
         if self.own_head:
-            self.body(**kw)
+            self._hidden(ids, mask, pos, cache)
         else:
+            kw = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, self.cache_kw: cache, "use_cache": True}
             self.model(**kw, logits_to_keep=1)
 
     def _can_join(self, cache) -> bool:

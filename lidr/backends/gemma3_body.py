@@ -1,0 +1,148 @@
+"""Gemma 3's text body for the decoder's forwards, in fewer operator calls: the same arithmetic.
+
+transformers' `Gemma3TextModel` makes about 110 operator calls per layer and forward, most
+of them on tensors of a few rows (a norm is 10 calls; rotary embeddings 16), and dispatches
+through ~15 modules and their decorators per layer. In a decoding step of gemma-3-270m the
+126 linear layers are 22 ms of 36 ms at 2 rows; the rest is that bookkeeping. `Gemma3Body` runs
+the same operators in the same order on the same modules' weights, with the per-layer
+constants computed once: a norm's (1 + weight), the attention mask once per forward instead
+of per layer. Its hidden states equal transformers' bit for bit (tests/test_gemma3_body.py
+compares them on every path the decoder takes); the decoder checks that once more on its
+probe before using it (`ContinuousDecoder.__init__`).
+
+It serves only what the decoder does: inference, sdpa attention, a 2D padding mask and a
+KV cache that holds the whole sequence (every sliding-window layer still within its window;
+the decoder falls back to transformers' forward otherwise). Forward hooks on the body's
+submodules are not called.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Gemma3Body:
+    """`Gemma3Body.of(body)(ids, mask, positions, cache)` == `body(...).last_hidden_state`."""
+
+    @classmethod
+    def of(cls, body: nn.Module) -> "Gemma3Body | None":
+        """The fast forward of `body` if it is a plain Gemma 3 text model this module knows
+        (sdpa attention, causal, no attention soft-capping), else None."""
+        try:
+            from transformers.models.gemma3 import modeling_gemma3 as g
+        except ImportError:
+            return None
+        cfg = getattr(body, "config", None)
+        if type(body) is not g.Gemma3TextModel or cfg is None:
+            return None
+        layers = list(body.layers[: cfg.num_hidden_layers])
+        plain = (cfg._attn_implementation == "sdpa" and not getattr(cfg, "use_bidirectional_attention", False)
+                 and getattr(cfg, "attn_logit_softcapping", None) is None
+                 and set(cfg.layer_types) <= {"full_attention", "sliding_attention"}
+                 and all(type(layer) is g.Gemma3DecoderLayer and type(layer.self_attn) is g.Gemma3Attention
+                         and type(layer.mlp) is g.Gemma3MLP for layer in layers))
+        return cls(body, layers) if plain else None
+
+    def __init__(self, body: nn.Module, layers: list):
+        cfg = body.config
+        self.body = body
+        self.layer_types = list(cfg.layer_types[: len(layers)])
+        self.head_dim = cfg.head_dim
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.layers = [_Layer(layer) for layer in layers]
+        self.norm = _Norm(body.norm)
+
+    @torch.inference_mode()
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+        """Final hidden states [rows, new tokens, hidden] of `ids` [rows, new], appended to
+        `cache`; `mask` [rows, cached + new] marks real tokens, `positions` [rows, new]."""
+        rows, q = ids.shape
+        h = self.body.embed_tokens(ids)
+        rotary = {}
+        for kind in dict.fromkeys(self.layer_types):
+            cos, sin = self.body.rotary_emb(h, positions, kind)
+            rotary[kind] = cos.unsqueeze(1), sin.unsqueeze(1)
+        keep = _keep(mask, q)
+        for i, (layer, kind) in enumerate(zip(self.layers, self.layer_types)):
+            h = layer(h, rotary[kind], keep, cache, i, self)
+        return self.norm(h)
+
+
+class _Norm:
+    """Gemma3RMSNorm with (1 + weight) computed once: x * rsqrt(mean(x^2) + eps) * (1 + w), in fp32."""
+
+    def __init__(self, norm: nn.Module):
+        self.eps = norm.eps
+        self.scale = (1.0 + norm.weight.detach().float())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.float()
+        return (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps) * self.scale).type_as(x)
+
+
+class _Layer:
+    """One Gemma3DecoderLayer: attention and MLP, each between its two norms, with residuals."""
+
+    def __init__(self, layer: nn.Module):
+        attn, mlp = layer.self_attn, layer.mlp
+        self.q, self.k, self.v, self.o = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        self.gate, self.up, self.down, self.act = mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn
+        self.q_norm, self.k_norm = _Norm(attn.q_norm), _Norm(attn.k_norm)
+        self.norms = [_Norm(n) for n in (layer.input_layernorm, layer.post_attention_layernorm,
+                                         layer.pre_feedforward_layernorm, layer.post_feedforward_layernorm)]
+        self.scaling = attn.scaling
+
+    def __call__(self, h, rotary, keep, cache, index: int, body: Gemma3Body) -> torch.Tensor:
+        rows, q, _ = h.shape
+        x = self.norms[0](h)
+        # the linear layers' own forward: oneDNN's where the decoder packed them (lidr/packed_linear.py)
+        query = self.q.forward(x).view(rows, q, -1, body.head_dim).transpose(1, 2)
+        key = self.k.forward(x).view(rows, q, -1, body.head_dim).transpose(1, 2)
+        value = self.v.forward(x).view(rows, q, -1, body.head_dim).transpose(1, 2)
+        query, key = _rotate(self.q_norm(query), *rotary), _rotate(self.k_norm(key), *rotary)
+        key, value = cache.update(key, value, index)
+        out = _attention(query, key, value, keep, self.scaling, body.heads // body.kv_heads)
+        h = h + self.norms[1](self.o.forward(out.reshape(rows, q, -1)))
+        x = self.norms[2](h)
+        x = self.down.forward(self.act(self.gate.forward(x)) * self.up.forward(x))
+        return h + self.norms[3](x)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding, as transformers' apply_rotary_pos_emb (rotate_half)."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def _keep(mask: torch.Tensor, q: int) -> torch.Tensor | None:
+    """The boolean attention mask [rows, 1, q, kv] of the last `q` positions, as transformers'
+    sdpa_mask makes it: None where it is skipped (no padding and one new token, or no cache),
+    which also changes how sdpa is called (`_attention`)."""
+    kv = mask.shape[1]
+    if (q == 1 or kv == q) and bool(mask.all()):
+        return None
+    keep = mask.bool()[:, None, None, :]
+    if q > 1:
+        causal = torch.arange(kv - q, kv, device=mask.device)[:, None] >= torch.arange(kv, device=mask.device)[None]
+        keep = keep & causal
+    return keep
+
+
+def _attention(query, key, value, keep, scaling: float, groups: int) -> torch.Tensor:
+    """transformers' sdpa_attention_forward for these inputs -> [rows, q, heads, head_dim]."""
+    rows, heads, q, dim = query.shape
+    if groups > 1 and keep is None:  # its `use_gqa_in_sdpa` holds without a mask
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, scale=scaling,
+                                             is_causal=q > 1, enable_gqa=True)
+    else:
+        if groups > 1 and q == 1:  # pack_gqa: the query heads of one kv head as its "positions"
+            query = query.reshape(rows, heads // groups, groups, dim)
+        elif groups > 1:  # repeat_kv
+            key = key[:, :, None].expand(*key.shape[:2], groups, *key.shape[2:]).reshape(rows, -1, *key.shape[2:])
+            value = value[:, :, None].expand(*value.shape[:2], groups,
+                                             *value.shape[2:]).reshape(rows, -1, *value.shape[2:])
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=keep, dropout_p=0.0, scale=scaling,
+                                             is_causal=keep is None and q > 1)
+    return out.reshape(out.shape[0], -1, q, dim).transpose(1, 2).contiguous()

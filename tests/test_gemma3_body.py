@@ -1,0 +1,150 @@
+"""lidr/backends/gemma3_body.py gives transformers' Gemma 3 hidden states bit for bit, on every
+kind of forward the decoder makes: prompts with and without padding, decoding steps with and
+without padding, a lone row's guesses after its cache, the rest of a prompt after a shared
+prefix; with plain and oneDNN-packed linear layers, one or several query heads per KV head."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lidr import packed_linear
+from lidr.backends.decode import _growing, _positions
+from lidr.backends.gemma3_body import Gemma3Body
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
+def _model(kv_heads: int, packed: bool, attn: str = "sdpa"):
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                              num_attention_heads=4, num_key_value_heads=kv_heads, head_dim=16,
+                              max_position_embeddings=256, sliding_window=64,
+                              layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval().requires_grad_(False)
+    with torch.no_grad():  # the norms' weights start at zero: give them something to scale by
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0, 0.5)
+    if packed and packed_linear.available():
+        packed_linear.pack(model, rows_hint=16, skip=(model.lm_head,), backward=False)
+    return model
+
+
+def _new_cache(model):
+    from transformers import DynamicCache
+
+    return _growing(DynamicCache(config=model.config))
+
+
+def _both(model, fast, ids, mask, pos, caches):
+    """transformers' hidden states and the fast body's, each appending to its own cache."""
+    with torch.inference_mode():
+        want = model.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=caches[0],
+                           use_cache=True).last_hidden_state
+        got = fast(ids, mask, pos, caches[1])
+    return want, got
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+@pytest.mark.parametrize("packed", [False, True])
+def test_same_bits_as_transformers_on_every_kind_of_forward(kv_heads, packed):
+    model = _model(kv_heads, packed)
+    fast = Gemma3Body.of(model.model)
+    assert fast is not None
+    gen = torch.Generator().manual_seed(1)
+    ids = lambda rows, n: torch.randint(3, 97, (rows, n), generator=gen)  # noqa: E731
+
+    def check(ids_, mask, pos, caches):
+        want, got = _both(model, fast, ids_, mask, pos, caches)
+        assert torch.equal(want, got)
+        for a, b in zip(caches[0].layers, caches[1].layers):  # the same keys and values cached
+            assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+    # prompts without padding (transformers skips the mask: sdpa's own causal mask)
+    caches = _new_cache(model), _new_cache(model)
+    mask = torch.ones(3, 9, dtype=torch.long)
+    check(ids(3, 9), mask, _positions(mask), caches)
+    # decoding steps without padding, then a lone row's guesses (several tokens after a cache)
+    for _ in range(2):
+        mask = torch.cat([mask, mask.new_ones(3, 1)], 1)
+        check(ids(3, 1), mask, _positions(mask)[:, -1:], caches)
+    one = [caches[0], caches[1]]
+    for c in one:
+        c.batch_select_indices(torch.tensor([1]))
+    mask = torch.cat([mask[1:2], mask.new_ones(1, 4)], 1)
+    check(ids(1, 4), mask, _positions(mask)[:, -4:], one)
+
+    # left-padded prompts, then decoding steps with padding
+    caches = _new_cache(model), _new_cache(model)
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1, 1]])
+    check(ids(3, 7), mask, _positions(mask), caches)
+    for _ in range(3):
+        mask = torch.cat([mask, mask.new_ones(3, 1)], 1)
+        check(ids(3, 1), mask, _positions(mask)[:, -1:], caches)
+
+    # a shared prefix, then each row's rest: [pads, prefix | pads, rest] (lidr's _prefill)
+    caches = _new_cache(model), _new_cache(model)
+    p_mask = torch.tensor([[1, 1, 1, 1, 1]])
+    check(ids(1, 5), p_mask, _positions(p_mask), caches)
+    for c in caches:
+        c.batch_select_indices(torch.tensor([0, 0]))
+    r_mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    mask = torch.cat([p_mask.expand(2, -1), r_mask], 1)
+    check(ids(2, 3), mask, _positions(mask)[:, -3:], caches)
+
+
+def test_only_plain_gemma3_text_bodies_with_sdpa_get_one():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    assert Gemma3Body.of(_model(1, False).model) is not None
+    assert Gemma3Body.of(_model(1, False, attn="eager").model) is None  # another attention arithmetic
+    llama = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128,
+                                                         num_hidden_layers=2, num_attention_heads=4))
+    assert Gemma3Body.of(llama.model) is None
+
+
+def test_decoder_uses_it_only_where_the_probe_matches(tmp_path, monkeypatch):
+    """The decoder checks the fast body on its probe; one that differs is not used."""
+    from lidr.backends import gemma3_body
+    from lidr.backends.decode import ContinuousDecoder
+
+    from tiny import word_tokenizer
+
+    tok = word_tokenizer("the a cat dog sat ran on mat".split())
+    model = _model(1, True)
+    model.config.bos_token_id = tok.bos_token_id
+    dec = ContinuousDecoder(model, tok, {tok.eos_token_id}, packed_weights=False)
+    assert dec.own_head and dec.fast_body is not None
+
+    norm = gemma3_body._Norm.__call__
+    monkeypatch.setattr(gemma3_body._Norm, "__call__", lambda self, x: norm(self, x) * (1 + 2 ** -20))
+    assert ContinuousDecoder(model, tok, {tok.eos_token_id}, packed_weights=False).fast_body is None
+
+
+def test_real_model_same_bits_and_used_by_the_decoder():
+    """The embedded gemma-3-270m, as the decoder runs it (packed layers): two demo prompts of
+    different lengths (left padding), then decoding steps, bit for bit."""
+    from lidr.backends.hf import HFBackend
+    from lidr.models import resolve_model
+
+    b = HFBackend(resolve_model("gemma-3-270m"), dtype="float32", device="cpu", packed_weights=True)
+    try:
+        assert b.decoder.fast_body is not None
+        tok, model = b.tokenizer, b.model
+        prompts = ["Question: How do I keep bread fresh?\nAnswer:", "Pregunta: ¿Qué verduras son verdes?\nRespuesta:"]
+        enc = tok(prompts, add_special_tokens=True, padding=True, return_tensors="pt")
+        mask = enc.attention_mask
+        assert not bool(mask.all())  # left padding in one row
+        caches = b.decoder.new_cache(), b.decoder.new_cache()
+        want, got = _both(model, b.decoder.fast_body, enc.input_ids, mask, _positions(mask), caches)
+        assert torch.equal(want, got)
+        for _ in range(3):
+            nxt = model.lm_head(want[:, -1:]).argmax(-1)
+            mask = torch.cat([mask, mask.new_ones(2, 1)], 1)
+            want, got = _both(model, b.decoder.fast_body, nxt, mask, _positions(mask)[:, -1:], caches)
+            assert torch.equal(want, got)
+    finally:
+        b.close()
