@@ -38,9 +38,12 @@ class Gemma3Body:
         if type(body) is not g.Gemma3TextModel or cfg is None:
             return None
         layers = list(body.layers[: cfg.num_hidden_layers])
-        plain = (cfg._attn_implementation == "sdpa" and not getattr(cfg, "use_bidirectional_attention", False)
+        kinds = getattr(cfg, "layer_types", None)
+        plain = (getattr(cfg, "_attn_implementation", None) == "sdpa"
+                 and not getattr(cfg, "use_bidirectional_attention", False)
                  and getattr(cfg, "attn_logit_softcapping", None) is None
-                 and set(cfg.layer_types) <= {"full_attention", "sliding_attention"}
+                 and kinds is not None and len(kinds) >= len(layers)
+                 and set(kinds) <= {"full_attention", "sliding_attention"}
                  and all(type(layer) is g.Gemma3DecoderLayer and type(layer.self_attn) is g.Gemma3Attention
                          and type(layer.mlp) is g.Gemma3MLP for layer in layers))
         return cls(body, layers) if plain else None
