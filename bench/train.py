@@ -84,9 +84,13 @@ def load_examples(args, fmt) -> tuple[list[dict], str]:
     """Rendered {"prompt", "chosen", "rejected"}, as lidr's train stage renders them."""
     from lidr.records import load_records
 
+    if args.pairs is not None and not args.pairs.is_file():
+        raise SystemExit(f"--pairs {args.pairs}: no such file")
     source = args.pairs or next((p for p in DEFAULT_PAIRS if p.exists()), None)
     if source is not None:
         pairs = load_records(source)
+        if not pairs:
+            raise SystemExit(f"{source}: no pairs in the file")
         what = f"{source} (real pairs)"
     else:  # synthetic: the prompt's neighbours in its language (chosen) vs in English (rejected)
         rows = [json.loads(line) for line in common.DEMO_PROMPTS.read_text(encoding="utf-8").splitlines() if line]

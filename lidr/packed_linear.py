@@ -91,31 +91,17 @@ def pack(model: nn.Module, rows_hint: int = 128, skip: tuple[nn.Module, ...] = (
     1289 MB."""
     if not available():
         return 0
-    layers = [layer for layer in model.modules()
-              if layer not in skip and eligible(layer) and "forward" not in vars(layer)]
-    backward_ws = _transposed_packs([layer.weight for layer in layers], rows_hint) if backward else None
-    for i, layer in enumerate(layers):
-        forward_w = pack_weight(layer.weight.detach(), rows_hint)
-        layer.forward = _packed_forward(layer, forward_w, backward_ws[i] if backward else None)
+    n = 0
+    for layer in model.modules():
+        if layer in skip or not eligible(layer) or "forward" in vars(layer):
+            continue
+        w = layer.weight.detach()
+        forward_w = pack_weight(w, rows_hint)
+        backward_w = pack_weight(w.T.contiguous(), rows_hint) if backward else None
+        layer.forward = _packed_forward(layer, forward_w, backward_w)
         layer._lidr_packed = True
-    return len(layers)
-
-
-def _transposed_packs(weights: list[torch.Tensor], rows_hint: int) -> list[torch.Tensor]:
-    """`pack_weight(W^T)` of each weight, on as many threads as torch uses (at most 2). The
-    transposing copy is strided and runs on one core: for gemma-3-270m's 126 layers it took
-    0.3-0.45 s of the 0.45-0.6 s that packing W^T took; two threads (the copy and oneDNN's
-    reorder let go of the GIL) cut the whole packing from 0.72-0.80 s to 0.31-0.43 s here."""
-    def one(w):
-        return pack_weight(w.detach().T.contiguous(), rows_hint)
-
-    workers = min(2, torch.get_num_threads())
-    if workers < 2 or len(weights) < 2:
-        return [one(w) for w in weights]
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(one, weights))
+        n += 1
+    return n
 
 
 def unpack(model: nn.Module) -> None:

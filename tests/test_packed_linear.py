@@ -96,26 +96,3 @@ def test_lora_step_is_the_same_packed():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for a, b in zip(grads, want_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-
-
-def test_two_threads_pack_each_layer_its_own_transposed_weight():
-    """W^T is packed on two threads where torch has two: every layer still gets its own (the
-    gradients are bit for bit those of packing on one thread)."""
-    torch.manual_seed(0)
-    layers = [nn.Linear(48 + 8 * i, 40 + 4 * i, bias=False).requires_grad_(False) for i in range(6)]
-    model = nn.Sequential(*[m for pair in zip(layers, [nn.Linear(40 + 4 * i, 48 + 8 * (i + 1)) for i in range(6)])
-                            for m in pair][:-1])
-    x = torch.randn(7, 48, requires_grad=True)
-    grads = {}
-    threads = torch.get_num_threads()
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)  # packed on n threads
-            packed = copy.deepcopy(model)
-            assert packed_linear.pack(packed) == 6
-            torch.set_num_threads(1)  # run alike
-            grads[n] = torch.autograd.grad(packed(x).square().sum(), x)[0]
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(grads[1], grads[2])
-    torch.testing.assert_close(grads[1], torch.autograd.grad(model(x).square().sum(), x)[0], rtol=1e-4, atol=1e-5)
