@@ -124,8 +124,9 @@ class ContinuousDecoder:
         self.pack_head, self.packed_head = False, None  # (set below; the check runs the plain product)
         self.own_head = self.body is not None and self.head_weight is not None and self._own_head_matches()
         # Gemma 3's body in fewer operator calls (lidr/backends/gemma3_body.py), where it gives
-        # the probe's hidden states bit for bit
-        self.fast_body = Gemma3Body.of(self.body) if self.own_head else None
+        # the probe's hidden states bit for bit; on a CPU only, where it was measured and tested
+        # (on a GPU sdpa may pick another kernel for a mask laid out otherwise than transformers')
+        self.fast_body = Gemma3Body.of(self.body) if self.own_head and self.device.type == "cpu" else None
         if self.fast_body is not None and not self._fast_body_matches():
             self.fast_body = None
         # The output layer goes through oneDNN too (where we compute it ourselves), but its

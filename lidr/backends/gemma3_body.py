@@ -2,13 +2,15 @@
 
 transformers' `Gemma3TextModel` makes about 110 operator calls per layer and forward, most
 of them on tensors of a few rows (a norm is 10 calls; rotary embeddings 16), and dispatches
-through ~15 modules and their decorators per layer. In a decoding step of gemma-3-270m the
-126 linear layers are 22 ms of 36 ms at 2 rows; the rest is that bookkeeping. `Gemma3Body` runs
-the same operators in the same order on the same modules' weights, with the per-layer
-constants computed once: a norm's (1 + weight), the attention mask once per forward instead
-of per layer. Its hidden states equal transformers' bit for bit (tests/test_gemma3_body.py
-compares them on every path the decoder takes); the decoder checks that once more on its
-probe before using it (`ContinuousDecoder.__init__`).
+through ~15 modules and their decorators per layer. A 2-row decoding step of gemma-3-270m's
+body took 36 ms through it, of which the 126 linear layers 19-22 ms; the rest is that
+bookkeeping. `Gemma3Body` runs the same operators in the same order on the same modules'
+weights, with the per-layer constants computed once (a norm's 1 + weight; the attention
+mask once per forward instead of per layer): 31 ms for that step, and 5-7 % less time on
+bench/generate.py's workload (bench/README.md, round 13). Its hidden states equal
+transformers' bit for bit (tests/test_gemma3_body.py compares them on every path the decoder
+takes); the decoder checks that once more on its probe before using it, on a CPU
+(`ContinuousDecoder.__init__`).
 
 It serves only what the decoder does: inference, sdpa attention, a 2D padding mask and a
 KV cache that holds the whole sequence (every sliding-window layer still within its window;
