@@ -36,10 +36,11 @@ BODY = "model-body.safetensors"  # everything but the vocabulary matrices, when 
 _DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
 
 
-def vocabulary_matrices(model) -> dict[str, torch.Tensor]:
+def vocabulary_matrices(model, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The input embedding's weight and, where it is a tensor of its own, the output layer's,
-    under the names `save_pretrained` saves them (a tied alias, e.g. lm_head.weight, is not)."""
-    state = model.state_dict()
+    under the names `save_pretrained` saves them (a tied alias, e.g. lm_head.weight, is not).
+    `state`: the model's state_dict, where the caller has it already."""
+    state = model.state_dict() if state is None else state
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})  # aliases save_pretrained drops
     out: dict[str, torch.Tensor] = {}
     for get in (model.get_input_embeddings, model.get_output_embeddings):
@@ -64,8 +65,9 @@ def save_model(model, out_dir: str | Path, *, source: str | Path | None = None,
     of `source` that holds it alone, after a check of its dtype, shape and sampled rows;
     otherwise it is written. Returns the names linked and written."""
     out_dir = Path(out_dir)
-    vocab = vocabulary_matrices(model)
-    body = {k: v for k, v in model.state_dict().items() if not any(_same(v, w) for w in vocab.values())}
+    state = model.state_dict()
+    vocab = vocabulary_matrices(model, state)
+    body = {k: v for k, v in state.items() if not any(_same(v, w) for w in vocab.values())}
     model.save_pretrained(out_dir, state_dict=body, safe_serialization=True)
     weight_map = _weight_map(out_dir)
     if (out_dir / SINGLE).exists():  # the body in one file: named so it is not taken for the whole model

@@ -119,6 +119,21 @@ def test_decoder_uses_it_only_where_the_probe_matches(tmp_path, monkeypatch):
     dec = ContinuousDecoder(model, tok, {tok.eos_token_id}, packed_weights=False)
     assert dec.own_head and dec.fast_body is not None
 
+    # every forward of a run (shared prefix, prompts, steps, a lone row's guesses) goes through
+    # it, and the answers are those of transformers' forward
+    fast, calls = dec.fast_body, []
+    dec.fast_body = lambda *a: calls.append(a[0].shape) or fast(*a)
+    items = [(i, p, []) for i, p in enumerate(["<s> the cat sat on the mat the cat", "<s> the cat sat on a dog",
+                                                "<s> a dog ran"])]
+    answers = {}
+    for name in ("fast", "transformers"):
+        got = {}
+        dec.run(items, max_rows=3, max_new_tokens=12, repetition_penalty=1.0, on_result=got.__setitem__)
+        answers[name] = {k: g.text for k, g in got.items()}
+        dec.fast_body = None
+    assert {len(s) for s in calls} == {2} and any(s[1] > 1 for s in calls) and any(s[1] == 1 for s in calls)
+    assert len(calls) >= 12 and answers["fast"] == answers["transformers"]
+
     norm = gemma3_body._Norm.__call__
     monkeypatch.setattr(gemma3_body._Norm, "__call__", lambda self, x: norm(self, x) * (1 + 2 ** -20))
     assert ContinuousDecoder(model, tok, {tok.eos_token_id}, packed_weights=False).fast_body is None

@@ -273,19 +273,15 @@ class ContinuousDecoder:
             want = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits[:, -1].float()
             h = self.body(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state[:, -1]
             got = self._head(h)
-        self._probe = h
+        self._probe, self._probe_inputs = h, (ids, mask, pos)
         tol = 1e-2 if self.head_weight.dtype != torch.float32 else 1e-3
-        self._probe_ids = ids
         return bool(torch.allclose(got, want, rtol=tol, atol=tol * max(1.0, float(want.abs().max()))))
 
     def _fast_body_matches(self) -> bool:
         """`fast_body` gives the body's own hidden states for the probe, bit for bit (a
         transformers release that changed Gemma 3's arithmetic would fail here)."""
-        ids = self._probe_ids
-        mask = torch.ones_like(ids)
-        pos = torch.arange(ids.shape[1], device=self.device)[None]
         try:
-            return torch.equal(self.fast_body(ids, mask, pos, self.new_cache())[:, -1], self._probe)
+            return torch.equal(self.fast_body(*self._probe_inputs, self.new_cache())[:, -1], self._probe)
         except Exception:  # an attribute or signature it does not know: transformers' forward
             return False
 

@@ -3,10 +3,10 @@
 transformers' `Gemma3TextModel` makes about 110 operator calls per layer and forward, most
 of them on tensors of a few rows (a norm is 10 calls; rotary embeddings 16), and dispatches
 through ~15 modules and their decorators per layer. A 2-row decoding step of gemma-3-270m's
-body took 36 ms through it, of which the 126 linear layers 19-22 ms; the rest is that
+body took 36 ms through it, of which the 126 linear layers 19-24 ms; the rest is that
 bookkeeping. `Gemma3Body` runs the same operators in the same order on the same modules'
 weights, with the per-layer constants computed once (a norm's 1 + weight; the attention
-mask once per forward instead of per layer): 31 ms for that step, and 5-7 % less time on
+mask once per forward instead of per layer): 31 ms for that step, and 6 % less time on
 bench/generate.py's workload (bench/README.md, round 13). Its hidden states equal
 transformers' bit for bit (tests/test_gemma3_body.py compares them on every path the decoder
 takes); the decoder checks that once more on its probe before using it, on a CPU
@@ -54,9 +54,8 @@ class Gemma3Body:
         cfg = body.config
         self.body = body
         self.layer_types = list(cfg.layer_types[: len(layers)])
-        self.head_dim = cfg.head_dim
-        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.layers = [_Layer(layer) for layer in layers]
+        groups = cfg.num_attention_heads // cfg.num_key_value_heads  # query heads per KV head
+        self.layers = [_Layer(layer, cfg.head_dim, groups) for layer in layers]
         self.norm = _Norm(body.norm)
 
     @torch.inference_mode()
@@ -71,7 +70,7 @@ class Gemma3Body:
             rotary[kind] = cos.unsqueeze(1), sin.unsqueeze(1)
         keep = _keep(mask, q)
         for i, (layer, kind) in enumerate(zip(self.layers, self.layer_types)):
-            h = layer(h, rotary[kind], keep, cache, i, self)
+            h = layer(h, rotary[kind], keep, cache, i)
         return self.norm(h)
 
 
@@ -90,8 +89,9 @@ class _Norm:
 class _Layer:
     """One Gemma3DecoderLayer: attention and MLP, each between its two norms, with residuals."""
 
-    def __init__(self, layer: nn.Module):
+    def __init__(self, layer: nn.Module, head_dim: int, groups: int):
         attn, mlp = layer.self_attn, layer.mlp
+        self.head_dim, self.groups = head_dim, groups
         self.q, self.k, self.v, self.o = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
         self.gate, self.up, self.down, self.act = mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn
         self.q_norm, self.k_norm = _Norm(attn.q_norm), _Norm(attn.k_norm)
@@ -99,16 +99,16 @@ class _Layer:
                                          layer.pre_feedforward_layernorm, layer.post_feedforward_layernorm)]
         self.scaling = attn.scaling
 
-    def __call__(self, h, rotary, keep, cache, index: int, body: Gemma3Body) -> torch.Tensor:
+    def __call__(self, h, rotary, keep, cache, index: int) -> torch.Tensor:
         rows, q, _ = h.shape
         x = self.norms[0](h)
         # the linear layers' own forward: oneDNN's where the decoder packed them (lidr/packed_linear.py)
-        query = self.q.forward(x).view(rows, q, -1, body.head_dim).transpose(1, 2)
-        key = self.k.forward(x).view(rows, q, -1, body.head_dim).transpose(1, 2)
-        value = self.v.forward(x).view(rows, q, -1, body.head_dim).transpose(1, 2)
+        query = self.q.forward(x).view(rows, q, -1, self.head_dim).transpose(1, 2)
+        key = self.k.forward(x).view(rows, q, -1, self.head_dim).transpose(1, 2)
+        value = self.v.forward(x).view(rows, q, -1, self.head_dim).transpose(1, 2)
         query, key = _rotate(self.q_norm(query), *rotary), _rotate(self.k_norm(key), *rotary)
         key, value = cache.update(key, value, index)
-        out = _attention(query, key, value, keep, self.scaling, body.heads // body.kv_heads)
+        out = _attention(query, key, value, keep, self.scaling, self.groups)
         h = h + self.norms[1](self.o.forward(out.reshape(rows, q, -1)))
         x = self.norms[2](h)
         x = self.down.forward(self.act(self.gate.forward(x)) * self.up.forward(x))
