@@ -234,9 +234,11 @@ def test_prompts_that_begin_alike_share_their_prefix_forward(backend, chunk, mon
     import lidr.backends.decode as decode
 
     monkeypatch.setattr(decode, "PREFILL_ROWS", chunk)
-    steps = []
-    step = backend.decoder._step
-    monkeypatch.setattr(backend.decoder, "_step", lambda ids, *a: steps.append(ids.shape) or step(ids, *a))
+    steps, in_prefill = [], []
+    step, prefill = backend.decoder._step, backend.decoder._prefill
+    monkeypatch.setattr(backend.decoder, "_step", lambda ids, *a: in_prefill and steps.append(ids.shape) or step(ids, *a))
+    monkeypatch.setattr(backend.decoder, "_prefill",
+                        lambda group: in_prefill.append(1) or (prefill(group), in_prefill.clear())[0])
     shot_a = "<s> the cat sat on the mat and then it ran under the big tree one two three four five six seven"
     shot_b = "<s> seven eight nine ten the dog was very happy and sad then a red cat sat on one small mat"
     prompts = [f"{shot_a} {t}" for t in ("the dog", "a big red", "nine ten one two", "it was")]
@@ -252,9 +254,43 @@ def test_prompts_that_begin_alike_share_their_prefix_forward(backend, chunk, mon
         assert fills == []
     else:  # one forward over the three prefixes (two shared, the lone prompt's first token)
         assert len(fills) == 1 and fills[0][0] == 3
-    prefill_rows = [rows for rows, width in steps if width > 1]
+    prefill_rows = [rows for rows, width in steps]
     chunked = chunk == 2 and backend.kind != "gemma3"  # (past a sliding window, caches cannot be joined)
-    assert prefill_rows == ([2, 2, 2, 1] if chunked else [len(prompts)])
+    assert sum(prefill_rows) == len(prompts)
+    if chunked:  # runs of at most `chunk` rests (`_chunk_bounds` decides where)
+        assert max(prefill_rows) == 2 and len(prefill_rows) >= 4
+    else:  # the rests' padding is not worth another forward, or a sliding window forbids joining
+        assert prefill_rows == [len(prompts)]
+
+
+def test_prefill_chunks_pad_least():
+    """The rests of a prefill are split into runs of similar length where the padding saved
+    is worth another forward: the split `_chunk_bounds` finds is the cheapest of all splits
+    (padded tokens + PREFILL_FORWARD_TOKENS per run, at most max_rows per run)."""
+    import itertools
+    import random
+
+    from lidr.backends.decode import PREFILL_FORWARD_TOKENS, _chunk_bounds
+
+    def cost(lengths, bounds):
+        return sum((e - s) * lengths[e - 1] + PREFILL_FORWARD_TOKENS for s, e in bounds)
+
+    rng = random.Random(0)
+    for _ in range(200):
+        lengths = sorted(rng.randint(1, 120) for _ in range(rng.randint(1, 9)))
+        max_rows = rng.randint(1, 5)
+        bounds = _chunk_bounds(lengths, max_rows)
+        assert bounds[0][0] == 0 and bounds[-1][1] == len(lengths)
+        assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+        assert all(0 < e - s <= max_rows for s, e in bounds)
+        best = min(cost(lengths, list(zip((0, *cuts), (*cuts, len(lengths)))))
+                   for k in range(len(lengths))
+                   for cuts in itertools.combinations(range(1, len(lengths)), k)
+                   if all(e - s <= max_rows for s, e in zip((0, *cuts), (*cuts, len(lengths)))))
+        assert cost(lengths, bounds) == best
+    # ten short rests and six long ones: two runs, not one padded to the longest
+    assert _chunk_bounds([10] * 10 + [100] * 6, 16) == [(0, 10), (10, 16)]
+    assert _chunk_bounds([5, 6, 7], 16) == [(0, 3)]  # close lengths: one forward
 
 
 @pytest.mark.parametrize("penalty", [1.0, 1.3])

@@ -58,7 +58,11 @@ class Generation:
 
 
 MIN_SHARED = 16  # tokens two prompts must share before their prefix runs once for both
-PREFILL_ROWS = 16  # prompts (or their unshared rests) of similar length run through the model together
+PREFILL_ROWS = 16  # at most this many prompts (or their unshared rests) run through the model together
+# What one more prefill forward costs, in padded tokens: on gemma-3-270m here a forward took
+# ~40 ms + 1.7 ms per token (bench/README.md, round 14). The rests are split into chunks where
+# the padding saved is worth another forward (`_chunk_bounds`).
+PREFILL_FORWARD_TOKENS = 32
 LOOKUP_NGRAM = 3  # a lone row's last 3 tokens are looked up earlier in its prompt and answer ...
 LOOKUP_TOKENS = 10  # ... and up to 10 tokens that followed them are checked in one step
 REFERENCES = 4  # tokens with the highest int8 bounds whose exact logits set the screen's bar
@@ -477,8 +481,8 @@ class ContinuousDecoder:
         once, its cache is copied to the rows that start with it, and only the rest of each
         prompt runs per row. The rows' tokens then sit as [pads, prefix | pads, rest]: the
         mask hides the pads and positions count real tokens only. The rests run in chunks of
-        PREFILL_ROWS rows of similar length, so a short rest is not padded to the longest one
-        in the group (the chunks' caches are then joined into one batch)."""
+        rests of similar length (`_chunk_bounds`), so a short rest is not padded to the longest
+        one in the group (the chunks' caches are then joined into one batch)."""
         clusters = self._shared_prefixes(group)
         prefix_of = [0] * len(group)  # each row's shared prefix (an index into clusters)
         shared = [0]  # tokens of each prefix that run once
@@ -495,11 +499,11 @@ class ContinuousDecoder:
 
         # Chunks are joined by padding their caches: only while no sliding window has dropped positions.
         fits = self.window is None or (self.window and max(len(t) for _, t in group) < self.window - 1)
-        size = PREFILL_ROWS if fits else len(group)
-        parts = []
         order = sorted(range(len(group)), key=lambda i: len(rest[i]))
-        for start in range(0, len(order), size):
-            chunk = order[start:start + size]
+        bounds = _chunk_bounds([len(rest[i]) for i in order], PREFILL_ROWS) if fits else [(0, len(group))]
+        parts = []
+        for start, end in bounds:
+            chunk = order[start:end]
             rows = [group[i][0] for i in chunk]
             r_ids, r_mask = _left_pad([rest[i] for i in chunk], self.pad_id, self.device)
             if p_cache is None:
@@ -719,6 +723,24 @@ def _keep_rows(cache, keep: list[int], plain: bool, device) -> list[int]:
             layer.values[to] = layer.values[fro]
         layer.keys, layer.values = layer.keys[:m], layer.values[:m]
     return order
+
+
+def _chunk_bounds(lengths: list[int], max_rows: int) -> list[tuple[int, int]]:
+    """Split `lengths` (sorted, ascending) into runs [start, end) of at most `max_rows`, each run
+    padded to its longest, so that the padded tokens plus PREFILL_FORWARD_TOKENS per run are
+    fewest (an exact search over the split points: the rests of one group are a few dozen)."""
+    n = len(lengths)
+    cost, cut = [0] + [float("inf")] * n, [0] * (n + 1)  # best cost of the first j lengths; its last run's start
+    for end in range(1, n + 1):
+        for start in range(max(0, end - max_rows), end):  # on a tie the longest last run wins
+            c = cost[start] + (end - start) * lengths[end - 1] + PREFILL_FORWARD_TOKENS
+            if c < cost[end]:
+                cost[end], cut[end] = c, start
+    bounds, end = [], n
+    while end:
+        bounds.append((cut[end], end))
+        end = cut[end]
+    return bounds[::-1]
 
 
 def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
