@@ -330,6 +330,44 @@ def test_shared_prompt_fallbacks(tiny):
     assert train_mod._cache_argument(NoCache()) is None
 
 
+@pytest.mark.parametrize("kind", ["gemma3", "gemma3-w64", "llama", "llama-eager"])
+def test_sequences_after_a_shared_prefix_match_full_sequences(kind):
+    """Sequences that all continue one prefix (the reference likelihood's few-shot examples):
+    the prefix runs once, its cache read by every row, and each row's response log-probs and
+    token counts equal those of the full sequences (prefix + row). Where a sliding window is
+    shorter than prefix + row (gemma3's 4), or a row would start with a response token, it
+    falls back to the full sequences."""
+    lm = _tiny_lm(kind)
+    calls = _CountCalls(lm.model)
+    g = torch.Generator().manual_seed(0)
+    prefix = torch.randint(1, 128, (9,), generator=g)
+    # right-padded rows: 2-4 prompt tokens, then 3-6 response tokens
+    rows = [(torch.randint(1, 128, (a,), generator=g).tolist(), torch.randint(1, 128, (b,), generator=g).tolist())
+            for a, b in ((2, 6), (4, 3), (3, 5))]
+    width = max(len(a) + len(b) for a, b in rows)
+    pad = lambda seqs: torch.tensor([q + [0] * (width - len(q)) for q in seqs])  # noqa: E731
+    ids = pad([a + b for a, b in rows])
+    mask = pad([[1] * (len(a) + len(b)) for a, b in rows])
+    resp = pad([[0] * len(a) + [1] * len(b) for a, b in rows])
+    scorer = ResponseLogProbs(lm)
+    with torch.no_grad():
+        got, n = scorer(ids, mask, resp, prefix_ids=prefix)
+        prefix_calls = calls.n
+        ones = torch.ones(3, 9, dtype=torch.long)
+        want, n_want = scorer(torch.cat([prefix.expand(3, -1), ids], 1), torch.cat([ones, mask], 1),
+                              torch.cat([ones * 0, resp], 1))
+        # a response token at a row's start: predicted from the prefix, so the full path
+        starts = resp.clone()
+        starts[0, 1] = 1
+        edge, _ = scorer(ids, mask, starts, prefix_ids=prefix)
+        edge_want, _ = scorer(torch.cat([prefix.expand(3, -1), ids], 1), torch.cat([ones, mask], 1),
+                              torch.cat([ones * 0, starts], 1))
+    assert prefix_calls == (1 if kind == "gemma3" else 2)  # prefix, then the rows (or one full pass)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert n.tolist() == n_want.tolist() == [6, 3, 5]
+    torch.testing.assert_close(edge, edge_want, rtol=1e-5, atol=1e-5)
+
+
 def _cfg(**kw):
     base = dict(beta=BETA, nll_weight=ALPHA, dtype="float32", max_length=128)
     return TrainingConfig(**{**base, **kw})

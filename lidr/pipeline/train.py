@@ -253,7 +253,10 @@ class ResponseLogProbs(nn.Module):
       cache is not made of plain dynamic layers) the pairs are laid out as 2B full sequences
       and take the path below: the same values up to float rounding.
     - full sequences (input_ids, attention_mask, response_mask, right-padded; response_mask marks
-      the response tokens): the body runs on whole sequences."""
+      the response tokens): the body runs on whole sequences. With `prefix_ids` [P], every
+      sequence continues those same P tokens (a few-shot prompt's examples, which the evaluation's
+      reference likelihood scores many answers after): the prefix runs once with a KV cache that
+      every row reads (`_after_prefix`), where the full path would run it once per row."""
 
     def __init__(self, lm: nn.Module):
         super().__init__()
@@ -278,16 +281,14 @@ class ResponseLogProbs(nn.Module):
         return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm  # PEFT
 
     def forward(self, input_ids=None, attention_mask=None, response_mask=None, *, prompt_ids=None,
-                prompt_attention_mask=None, response_ids=None, response_attention_mask=None, **_):
+                prompt_attention_mask=None, response_ids=None, response_attention_mask=None, prefix_ids=None, **_):
         causal = self._causal()
         if input_ids is not None:
+            if prefix_ids is not None:
+                return self._after_prefix(causal, prefix_ids, input_ids, attention_mask, response_mask)
             return self._full(causal, input_ids, attention_mask, response_mask)
         body = causal.base_model
-        if self._cache_arg is False:
-            self._cache_arg = _cache_argument(body)
-        cache = None
-        if self.shared_prompt and self._cache_arg is not None and not _checkpointing(body):
-            cache = _plain_dynamic_cache(causal.config)
+        cache = self._new_cache(causal)
         if cache is None:
             return self._full(causal, *_full_sequences(prompt_ids, prompt_attention_mask, response_ids,
                                                        response_attention_mask))
@@ -298,6 +299,50 @@ class ResponseLogProbs(nn.Module):
             cache = DynamicCache()  # full layers: every pair fits any window (_can_pack), one mask serves all
         return self._shared(causal, body, cache, prompt_ids, prompt_attention_mask, response_ids,
                             response_attention_mask, packed)
+
+    def _new_cache(self, causal):
+        """A plain DynamicCache for the shared-prompt and prefix paths, or None where the body
+        cannot fill one (no cache argument, activation checkpointing, other cache layers)."""
+        body = causal.base_model
+        if self._cache_arg is False:
+            self._cache_arg = _cache_argument(body)
+        if self.shared_prompt and self._cache_arg is not None and not _checkpointing(body):
+            return _plain_dynamic_cache(causal.config)
+        return None
+
+    def _after_prefix(self, causal, prefix_ids, input_ids, attention_mask, response_mask):
+        """Full sequences [B, W] (right-padded) that all continue `prefix_ids` [P]: the prefix runs
+        once, its cache is copied to the B rows, and the rows run on top of it at positions P...
+        No response token may sit in the prefix or start a row (each is predicted from a row
+        position). Where the cache cannot serve (see `_new_cache`, or a sliding window that
+        prefix + row would pass) the prefix is put in front of every row: the full path, the
+        same values up to float rounding."""
+        n, width = input_ids.shape
+        prefix = prefix_ids.view(1, -1)
+        p = prefix.shape[1]
+        text = causal.config.get_text_config(decoder=True)
+        window, types = getattr(text, "sliding_window", None), getattr(text, "layer_types", None)
+        if types is not None and "sliding_attention" not in types:
+            window = None
+        cache = self._new_cache(causal)
+        if cache is None or (window is not None and p + width >= window - 1) or bool(response_mask[:, 0].any()):
+            return self._full(causal, torch.cat([prefix.expand(n, -1), input_ids], 1),
+                              torch.cat([attention_mask.new_ones(n, p), attention_mask], 1),
+                              torch.cat([response_mask.new_zeros(n, p), response_mask], 1))
+        body = causal.base_model
+        kw = {self._cache_arg: cache, "use_cache": True}
+        body(input_ids=prefix, position_ids=torch.arange(p, device=prefix.device)[None], **kw)
+        for layer in cache.layers:  # the same prefix for every row
+            layer.keys = layer.keys.expand(n, -1, -1, -1).contiguous()
+            layer.values = layer.values.expand(n, -1, -1, -1).contiguous()
+        mask = torch.cat([attention_mask.new_ones(n, p), attention_mask], 1)
+        positions = (p + torch.arange(width, device=input_ids.device))[None].expand(n, -1)
+        hidden = body(input_ids=input_ids, attention_mask=mask, position_ids=positions, **kw)[0]
+        del cache, kw
+        predicts = response_mask[:, 1:].bool()  # row position t predicts token t+1
+        logps = _head_logps(hidden[:, :-1][predicts], input_ids[:, 1:][predicts], causal)
+        sums = logps.new_zeros(n).index_add(0, predicts.nonzero()[:, 0], logps)
+        return sums, predicts.sum(1)
 
     def _shared(self, causal, body, cache, prompt_ids, prompt_mask, response_ids, response_mask, packed):
         n = len(prompt_ids)  # pairs; the responses are [chosen..., rejected...]
