@@ -180,7 +180,7 @@ def to_fp16(backend) -> float:
     head_packs = fp16_packs(head.weight)
     seconds = time.perf_counter() - t0
     exact_head = dec._head
-    dec.half_head, dec.pack_head, dec.packed_head = None, False, None  # head16 below computes the logits
+    dec.half_head, dec.pack_head, dec.packed_head = False, False, None  # head16 below computes the logits
 
     def head16(self, h, tokens=None):
         if tokens is not None:

@@ -187,9 +187,11 @@ def test_fp16_screened_output_layer_gives_the_same_tokens(backend, penalty, monk
     from lidr.backends.decode import ContinuousDecoder
     from lidr.head import HalfHead
 
+    import lidr.backends.decode as decode
+
     monkeypatch.setattr(HalfHead, "faster", staticmethod(lambda *a, **k: True))  # tiny heads are not faster
     decoder = ContinuousDecoder(backend.model, backend.tokenizer, set())
-    assert decoder.half_head is not None
+    assert decoder.half_head is None  # built at the HALF_HEAD_AFTER-th one-row step
     decoder.lookup = False  # every one-row step then goes through the screen
     screened = []
     choose = decoder._screened_choice
@@ -197,7 +199,9 @@ def test_fp16_screened_output_layer_gives_the_same_tokens(backend, penalty, monk
     results = {}
     decoder.run([(i, p, []) for i, p in enumerate(PROMPTS)], max_rows=1, max_new_tokens=10,
                 repetition_penalty=penalty, on_result=results.__setitem__)
-    assert len(screened) == len(PROMPTS) * 10  # every choice: one row at a time, prefill included
+    assert isinstance(decoder.half_head, HalfHead)
+    # every choice is one row at a time (prefill included); the screen from the HALF_HEAD_AFTER-th on
+    assert len(screened) == len(PROMPTS) * 10 - (decode.HALF_HEAD_AFTER - 1)
     for i, p in enumerate(PROMPTS):
         want = backend.tokenizer.decode(_reference(backend, p, 10, penalty, None), skip_special_tokens=True)
         assert results[i].text == want, p

@@ -66,6 +66,11 @@ PREFILL_FORWARD_TOKENS = 32
 LOOKUP_NGRAM = 3  # a lone row's last 3 tokens are looked up earlier in its prompt and answer ...
 LOOKUP_TOKENS = 10  # ... and up to 10 tokens that followed them are checked in one step
 REFERENCES = 4  # tokens with the highest int8 bounds whose exact logits set the screen's bar
+# The fp16 screen for one-row steps (HalfHead) is built at a decoder's 12th one-row step, not at
+# its set-up: building it took 0.23-0.29 s (0.5 s with the once-per-process speed check) and it
+# saves about 20 ms a step, so it pays only on a longer lone tail. The demo's stages took 0 to
+# ~10 one-row steps (bench/README.md, round 14): a build there cost more than it saved.
+HALF_HEAD_AFTER = 12
 
 
 class Request(NamedTuple):
@@ -140,7 +145,10 @@ class ContinuousDecoder:
         w = self.head_weight
         self.pack_head = bool(self.packed_layers and self.own_head and w.dtype == torch.float32 and not w.requires_grad)
         self.packed_layers += self.pack_head  # counted with the others, packed or not yet
-        self.half_head = self._half_head() if self.own_head else None
+        # the fp16 screen for one-row steps: None until the HALF_HEAD_AFTER-th such step builds it
+        # (`_choose_from`), False where it is not used
+        self.half_head = None if self.own_head else False
+        self.one_row_steps = 0
         # an int8 screen for steps of several rows (`_int8_choice`): None until the first such step
         # builds it from that step's hidden states, False where it is not used
         self.int8_head = None if (packed_weights and self.own_head and self.device.type == "cpu"
@@ -170,8 +178,13 @@ class ContinuousDecoder:
     def _choose_from(self, h: torch.Tensor, seen, penalty) -> torch.Tensor:
         """The greedy next token of each row of final hidden states `h` [rows, hidden] (our own
         output layer), screened by the fp16 (one row) or int8 (several rows) copy where there is one."""
-        if self.half_head is not None and len(h) == 1 and float(h.abs().max()) < 6e4:
-            return self._screened_choice(h, seen, penalty)
+        if len(h) == 1 and self.half_head is not False and float(h.abs().max()) < 6e4:
+            if self.half_head is None:
+                self.one_row_steps += 1
+                if self.one_row_steps >= HALF_HEAD_AFTER:
+                    self.half_head = self._half_head() or False
+            if self.half_head:
+                return self._screened_choice(h, seen, penalty)
         if len(h) > 1 and self.int8_head is not False and bool(torch.isfinite(h).all()):
             if self.int8_head is None:
                 self._build_int8_head(h)
@@ -313,7 +326,8 @@ class ContinuousDecoder:
         return self.packed_head
 
     def _half_head(self) -> HalfHead | None:
-        """An fp16 screen for one-row steps on a CPU where it is faster and within its bound."""
+        """An fp16 screen for one-row steps on a CPU where it is faster and within its bound
+        (checked on the set-up's probe)."""
         w = self.head_weight
         if self.device.type != "cpu" or w.dtype != torch.float32 or self.head_bias is not None:
             return None
