@@ -324,14 +324,21 @@ class ResponseLogProbs(nn.Module):
         window, types = getattr(text, "sliding_window", None), getattr(text, "layer_types", None)
         if types is not None and "sliding_attention" not in types:
             window = None
-        cache = self._new_cache(causal)
-        if cache is None or (window is not None and p + width >= window - 1) or bool(response_mask[:, 0].any()):
+
+        def full():  # the prefix in front of every row
             return self._full(causal, torch.cat([prefix.expand(n, -1), input_ids], 1),
                               torch.cat([attention_mask.new_ones(n, p), attention_mask], 1),
                               torch.cat([response_mask.new_zeros(n, p), response_mask], 1))
+
+        cache = self._new_cache(causal)
+        if cache is None or (window is not None and p + width >= window - 1) or bool(response_mask[:, 0].any()):
+            return full()
         body = causal.base_model
         kw = {self._cache_arg: cache, "use_cache": True}
         body(input_ids=prefix, position_ids=torch.arange(p, device=prefix.device)[None], **kw)
+        if not cache.layers or any(layer.keys is None for layer in cache.layers):
+            self.shared_prompt = False  # the model did not fill the cache as expected: never again
+            return full()
         for layer in cache.layers:  # the same prefix for every row
             layer.keys = layer.keys.expand(n, -1, -1, -1).contiguous()
             layer.values = layer.values.expand(n, -1, -1, -1).contiguous()
