@@ -267,6 +267,28 @@ def test_prompts_that_begin_alike_share_their_prefix_forward(backend, chunk, mon
         assert prefill_rows == [len(prompts)]
 
 
+def test_prefill_splits_rests_of_far_apart_lengths(backend, monkeypatch):
+    """The decoder's prefill takes `_chunk_bounds`' split: five short rests and two long ones
+    after a shared prefix run in two forwards (one run of 7 would be padded to the longest),
+    and every row still gets what `generate` gives its prompt alone."""
+    if backend.kind == "gemma3":
+        pytest.skip("past its sliding window the prefix is not shared and chunks cannot be joined")
+    steps, in_prefill = [], []
+    step, prefill = backend.decoder._step, backend.decoder._prefill
+    monkeypatch.setattr(backend.decoder, "_step", lambda ids, *a: in_prefill and steps.append(ids.shape) or step(ids, *a))
+    monkeypatch.setattr(backend.decoder, "_prefill",
+                        lambda group: in_prefill.append(1) or (prefill(group), in_prefill.clear())[0])
+    shot = "<s> the cat sat on the mat and then it ran under the big tree one two three four five six seven"
+    long = " ".join(["the dog was very happy and sad then a red cat sat on one small mat"] * 2)
+    prompts = [f"{shot} {t}" for t in ("the dog", "a big", "nine", "it was", "blue")]
+    prompts += [f"{shot} {long}", f"{shot} seven {long}"]
+    out = backend.generate(prompts, max_new_tokens=4, repetition_penalty=1.2)
+    for p, got in zip(prompts, out):
+        want = backend.tokenizer.decode(_reference(backend, p, 4, 1.2, None), skip_special_tokens=True)
+        assert got.text == want, p
+    assert sorted(rows for rows, _ in steps) == [2, 5]  # the long rests apart from the short ones
+
+
 def test_prefill_chunks_pad_least():
     """The rests of a prefill are split into runs of similar length where the padding saved
     is worth another forward: the split `_chunk_bounds` finds is the cheapest of all splits

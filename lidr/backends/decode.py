@@ -66,11 +66,12 @@ PREFILL_FORWARD_TOKENS = 32
 LOOKUP_NGRAM = 3  # a lone row's last 3 tokens are looked up earlier in its prompt and answer ...
 LOOKUP_TOKENS = 10  # ... and up to 10 tokens that followed them are checked in one step
 REFERENCES = 4  # tokens with the highest int8 bounds whose exact logits set the screen's bar
-# The fp16 screen for one-row steps (HalfHead) is built at a decoder's 12th one-row step, not at
-# its set-up: building it took 0.23-0.29 s (0.5 s with the once-per-process speed check) and it
-# saves about 20 ms a step, so it pays only on a longer lone tail. The demo's stages took 0 to
-# ~10 one-row steps (bench/README.md, round 14): a build there cost more than it saved.
-HALF_HEAD_AFTER = 12
+# The fp16 screen for one-row steps (HalfHead) is built at a decoder's 16th one-row step, not at
+# its set-up: building it took 0.23-0.29 s in the demo (0.5 s with the once-per-process speed
+# check) and it saved 12-17 ms a step, so it pays after about 16-24 steps: on a longer lone tail.
+# The demo's stages took 0, 2, 9 and 0 one-row steps (bench/README.md, round 14): a build there
+# cost more than it saved. Built at the 16th, a tail costs at most about twice the best choice.
+HALF_HEAD_AFTER = 16
 
 
 class Request(NamedTuple):

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import torch
 
+from lidr.backends.decode import MIN_SHARED  # as generation: tokens worth sharing a prefix's forward for
 from lidr.eval.stats import mean_ci
 from lidr.records import JsonlAppender, atomic_write_json, load_records
-
-MIN_SHARED = 16  # prompt tokens a language's items must share before their prefix runs once per batch
 
 
 def _shared_prefix(prompts: list[list[int]]) -> int:
@@ -48,31 +47,31 @@ def reference_loglik(model, tokenizer, fmt, data: dict[str, list[dict]], out_dir
     enc = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
     advance = tracker(progress, "reference likelihood", len(jobs))
     try:
-        encoded = []  # (lang, id, prompt, reference, cut)
+        encoded: dict[str, list] = {lang: [] for lang in data}  # lang -> (id, prompt, reference, cut)
         for lang, it in jobs:
             prompt = enc([fmt.response_prompt(it["instruction"], lang)])[0]
             ref = enc([fmt.response_text(it["reference"])])[0]
-            encoded.append((lang, it["id"], prompt, ref[:max_tokens], len(ref) > max_tokens))
+            encoded[lang].append((it["id"], prompt, ref[:max_tokens], len(ref) > max_tokens))
         # One language's prompts begin with the same few-shot examples: that prefix runs once per
         # batch (ResponseLogProbs' prefix layout) instead of once per item.
-        for lang in data:
-            group = [e for e in encoded if e[0] == lang]
+        for lang, group in encoded.items():
             if not group:
                 continue
-            shared = _shared_prefix([e[2] for e in group])
+            shared = _shared_prefix([p for _, p, _, _ in group])
             shared = shared if shared >= MIN_SHARED else 0
-            group.sort(key=lambda e: len(e[2]) + len(e[3]))  # similar lengths together: less padding
-            prefix = torch.tensor(group[0][2][:shared], device=device) if shared else None
+            prefix = torch.tensor(group[0][1][:shared], device=device) if shared else None
+            group.sort(key=lambda e: len(e[1]) + len(e[2]))  # similar lengths together: less padding
             for start in range(0, len(group), batch_size):
                 batch = group[start:start + batch_size]
-                seqs = [p[shared:] + r for _, _, p, r, _ in batch]
-                width = max(map(len, seqs))
-                ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs], device=device)
-                attn = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
-                resp = torch.tensor([[0] * (len(p) - shared) + [1] * len(r) + [0] * (width - len(p) - len(r) + shared)
-                                     for _, _, p, r, _ in batch], device=device)
+                rows = [(p[shared:], r) for _, p, r, _ in batch]  # each row: the prompt's own tokens, reference
+                width = max(len(q) + len(r) for q, r in rows)
+                ids = torch.tensor([q + r + [pad_id] * (width - len(q) - len(r)) for q, r in rows], device=device)
+                attn = torch.tensor([[1] * (len(q) + len(r)) + [0] * (width - len(q) - len(r)) for q, r in rows],
+                                    device=device)
+                resp = torch.tensor([[0] * len(q) + [1] * len(r) + [0] * (width - len(q) - len(r)) for q, r in rows],
+                                    device=device)
                 sums, counts = scorer(ids, attn, resp, prefix_ids=prefix)
-                for (_, pid, _, r, cut), s, n in zip(batch, sums.tolist(), counts.tolist()):
+                for (pid, _, _, cut), s, n in zip(batch, sums.tolist(), counts.tolist()):
                     writers[lang].write({"id": pid, "lang": lang, "tokens": n, "sum_logprob": round(s, 4),
                                          "mean_logprob": round(s / n, 6), "truncated": cut})
                 advance(len(batch))

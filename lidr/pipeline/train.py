@@ -222,12 +222,23 @@ def _can_pack(config, prompt_mask: torch.Tensor, response_mask: torch.Tensor) ->
     full and the sliding-window layers alike."""
     if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
         return False
-    text = config.get_text_config(decoder=True)
-    window, types = getattr(text, "sliding_window", None), getattr(text, "layer_types", None)
-    if window is None or (types is not None and "sliding_attention" not in types):
+    window = _sliding_window(config)
+    if window is None:
         return True
     longest = (prompt_mask.sum(1).repeat(2) + response_mask.sum(1)).max()
     return bool(longest < window)
+
+
+def _sliding_window(config) -> int | None:
+    """The model's sliding-window length where some layer uses one, else None."""
+    text = config.get_text_config(decoder=True)
+    window, types = getattr(text, "sliding_window", None), getattr(text, "layer_types", None)
+    return None if types is not None and "sliding_attention" not in types else window
+
+
+def _filled(cache) -> bool:
+    """The body filled every layer of the cache it was given (a model that does not: the full path)."""
+    return bool(cache.layers) and all(layer.keys is not None for layer in cache.layers)
 
 
 class ResponseLogProbs(nn.Module):
@@ -320,10 +331,7 @@ class ResponseLogProbs(nn.Module):
         n, width = input_ids.shape
         prefix = prefix_ids.view(1, -1)
         p = prefix.shape[1]
-        text = causal.config.get_text_config(decoder=True)
-        window, types = getattr(text, "sliding_window", None), getattr(text, "layer_types", None)
-        if types is not None and "sliding_attention" not in types:
-            window = None
+        window = _sliding_window(causal.config)
 
         def full():  # the prefix in front of every row
             return self._full(causal, torch.cat([prefix.expand(n, -1), input_ids], 1),
@@ -336,7 +344,7 @@ class ResponseLogProbs(nn.Module):
         body = causal.base_model
         kw = {self._cache_arg: cache, "use_cache": True}
         body(input_ids=prefix, position_ids=torch.arange(p, device=prefix.device)[None], **kw)
-        if not cache.layers or any(layer.keys is None for layer in cache.layers):
+        if not _filled(cache):
             self.shared_prompt = False  # the model did not fill the cache as expected: never again
             return full()
         for layer in cache.layers:  # the same prefix for every row
@@ -346,17 +354,14 @@ class ResponseLogProbs(nn.Module):
         positions = (p + torch.arange(width, device=input_ids.device))[None].expand(n, -1)
         hidden = body(input_ids=input_ids, attention_mask=mask, position_ids=positions, **kw)[0]
         del cache, kw
-        predicts = response_mask[:, 1:].bool()  # row position t predicts token t+1
-        logps = _head_logps(hidden[:, :-1][predicts], input_ids[:, 1:][predicts], causal)
-        sums = logps.new_zeros(n).index_add(0, predicts.nonzero()[:, 0], logps)
-        return sums, predicts.sum(1)
+        return _response_sums(hidden, input_ids, response_mask, causal)
 
     def _shared(self, causal, body, cache, prompt_ids, prompt_mask, response_ids, response_mask, packed):
         n = len(prompt_ids)  # pairs; the responses are [chosen..., rejected...]
         kw = {self._cache_arg: cache, "use_cache": True}
         positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
         h_prompt = body(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, **kw)[0]
-        if not cache.layers or any(layer.keys is None for layer in cache.layers):
+        if not _filled(cache):
             self.shared_prompt = False  # the model did not fill the cache as expected: never again
             return self._full(causal, *_full_sequences(prompt_ids, prompt_mask, response_ids, response_mask))
         p_len = prompt_mask.sum(1)
@@ -413,10 +418,17 @@ class ResponseLogProbs(nn.Module):
 
     def _full(self, causal, input_ids, attention_mask, response_mask):
         hidden = causal.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
-        predicts = response_mask[:, 1:].bool()  # position t predicts token t+1
-        logps = _head_logps(hidden[:, :-1][predicts], input_ids[:, 1:][predicts], causal)
-        sums = logps.new_zeros(len(input_ids)).index_add(0, predicts.nonzero()[:, 0], logps)
-        return sums, predicts.sum(1)
+        return _response_sums(hidden, input_ids, response_mask, causal)
+
+
+def _response_sums(hidden, input_ids, response_mask, causal) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of hidden states over `input_ids` [B, W] -> each row's summed log-prob of the tokens
+    `response_mask` marks, and their count: position t predicts token t+1, and the output layer
+    runs on those positions only."""
+    predicts = response_mask[:, 1:].bool()
+    logps = _head_logps(hidden[:, :-1][predicts], input_ids[:, 1:][predicts], causal)
+    sums = logps.new_zeros(len(input_ids)).index_add(0, predicts.nonzero()[:, 0], logps)
+    return sums, predicts.sum(1)
 
 
 def _full_sequences(prompt_ids, prompt_mask, response_ids, response_mask):
