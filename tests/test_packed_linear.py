@@ -62,8 +62,9 @@ def test_packed_for_inference_only_keeps_one_copy_and_falls_back_for_gradients()
     torch.testing.assert_close(packed_linear.linear(x, packed_linear.pack_weight(w, 16)), x @ w.T, rtol=1e-5, atol=1e-5)
 
 
-def test_lora_step_is_the_same_packed():
-    """A LoRA model's DPO+NLL log-probs and adapter gradients, with the base layers packed or not."""
+def _lora_model(dropout: float = 0.0):
+    """A tiny Llama with LoRA on every linear layer, B not zero (so the adapters do something),
+    a batch of two pairs, and its DPO+NLL step: (log-probs, adapter gradients)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -73,7 +74,7 @@ def test_lora_step_is_the_same_packed():
     config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
     lm = get_peft_model(AutoModelForCausalLM.from_config(config).float(),
-                        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+                        LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear"))
     with torch.no_grad():  # B starts at 0: make the adapters do something
         for name, p in lm.named_parameters():
             if "lora_B" in name:
@@ -87,12 +88,70 @@ def test_lora_step_is_the_same_packed():
         loss, _ = dpo_nll_loss(logps, logps.detach() - 0.1, ntok, 0.5, 1.0)
         return logps, torch.autograd.grad(loss, lora)
 
+    def base_logps():
+        with torch.no_grad(), lm.disable_adapter():
+            return ResponseLogProbs(lm)(**batch)[0]
+    return lm, step, base_logps
+
+
+def test_lora_step_is_the_same_packed():
+    """A LoRA model's DPO+NLL log-probs and adapter gradients, with the base layers packed or not."""
+    lm, step, _ = _lora_model()
     want, want_grads = step()
     n_base = sum(1 for m in lm.modules() if packed_linear.eligible(m))
     assert packed_linear.pack(lm, skip=(lm.get_output_embeddings(),)) == n_base - 1 > 0
     with torch.profiler.profile() as prof:
         got, grads = step()
     assert any(e.name == "mkldnn::_linear_pointwise" for e in prof.events())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def _fused_calls(prof) -> int:
+    return sum(e.name == "_PackedLoraLinear" for e in prof.events())
+
+
+def test_lora_layers_over_packed_bases_run_as_one_node_with_the_same_step():
+    """`fuse_lora`: each LoRA layer over a packed base runs as `_PackedLoraLinear`, with PEFT's
+    log-probs and adapter gradients (A and B both: B is not zero); with the adapters disabled (the
+    reference pass) it runs the base alone; `unpack` gives PEFT its forward back."""
+    lm, step, base_logps = _lora_model()
+    want, want_grads = step()
+    want_base = base_logps()
+    n_lora = sum(1 for m in lm.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer"))
+    packed_linear.pack(lm, skip=(lm.get_output_embeddings(),))
+    assert packed_linear.fuse_lora(lm) == n_lora == 2 * 7
+    assert packed_linear.fuse_lora(lm) == 0  # already fused
+    with torch.profiler.profile() as prof:
+        got, grads = step()
+    assert _fused_calls(prof) == 2 * n_lora  # the prompts, then the packed responses on their cache
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    with torch.profiler.profile() as prof:
+        torch.testing.assert_close(base_logps(), want_base, rtol=1e-5, atol=1e-5)
+    assert _fused_calls(prof) == 0  # adapters off: PEFT's forward, the packed base alone
+
+    packed_linear.unpack(lm)
+    assert not any("forward" in vars(m) or "_lidr_packed" in vars(m) for m in lm.modules())
+    with torch.profiler.profile() as prof:
+        again, _ = step()
+    assert _fused_calls(prof) == 0
+    torch.testing.assert_close(again, want, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_with_dropout_keeps_peft_forward():
+    """A LoRA layer `_PackedLoraLinear` does not cover (dropout here) runs PEFT's forward over the
+    packed base: the same values in eval mode, no fused calls."""
+    lm, step, _ = _lora_model(dropout=0.1)
+    lm.eval()
+    want, want_grads = step()
+    packed_linear.pack(lm, skip=(lm.get_output_embeddings(),))
+    assert packed_linear.fuse_lora(lm) > 0  # fused where the adapter allows it, checked at each call
+    with torch.profiler.profile() as prof:
+        got, grads = step()
+    assert _fused_calls(prof) == 0
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for a, b in zip(grads, want_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -729,6 +729,7 @@ def train_dpo_nll(model_path: str | Path, examples: list[dict], out_dir: str | P
 
         # the frozen base layers (not the output layer: lidr/head.py computes it from its weight)
         packed = packed_linear.pack(lm, skip=(lm.get_output_embeddings(),))
+        packed_linear.fuse_lora(lm)  # each LoRA layer over a packed base in one autograd node
     params = [p for p in lm.parameters() if p.requires_grad]
     # fused: one kernel updates all parameters (in a single process; sharded optimizers keep the default)
     fused = acc.distributed_type == DistributedType.NO and all(p.dtype == torch.float32 for p in params)
