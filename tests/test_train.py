@@ -235,20 +235,25 @@ class _CountCalls:
 
 @pytest.mark.parametrize("kind", ["gemma3", "gemma3-w64", "llama", "llama-eager"])
 def test_shared_prompt_matches_full_sequences(tiny, kind, monkeypatch):
-    """The shared-prompt path (prompt once, its KV cache read by chosen and rejected), with the
-    responses packed in one row under a block mask or as padded rows on a replicated cache, gives
-    the full-sequence path's log-probs, token counts, and LoRA gradients of a DPO+NLL step, on a
-    batch of pairs with different prompt and response lengths (padding on both sides). Packing
-    is used where one mask serves every layer: not with a sliding window shorter than a pair."""
+    """The shared-prompt paths give the full-sequence path's log-probs, token counts, and LoRA
+    gradients of a DPO+NLL step, on a batch of pairs with different prompt and response lengths
+    (padding on both sides), two of them with the same prompt: `_shared` (prompts once with a KV
+    cache, the responses as padded rows on it) and `_packed` (the batch in one row: the prompts
+    as a prefix tree, each shared token once, then the responses). Packing is used where one mask
+    serves every layer: not with a sliding window shorter than a pair."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
     tok = _load(tiny)[0]
     pairs, _ = tokenize_pairs(tok, EXAMPLES, max_length=512)
-    index = [0, 1, 2, 7, 5]
+    pairs.append(train_mod.Pair(pairs[2].prompt, pairs[5].chosen, pairs[6].rejected))  # pair 2's prompt again
+    index = [0, 1, 2, 7, 5, 8]
     assert len({len(pairs[i].prompt) for i in index}) > 2 and min(len(pairs[i].prompt) for i in index) > 4
+    prompts = [pairs[i].prompt for i in index]
+    tree_nodes = len({tuple(q[:k + 1]) for q in prompts for k in range(len(q))})
+    assert tree_nodes < sum(map(len, prompts)) - len(prompts[2])  # more shared than the repeated prompt
     batch = collate(pairs, index, tok.pad_token_id)
-    weights = torch.tensor([0.1, 0.2, 0.3, 0.25, 0.15])
+    weights = torch.tensor([0.1, 0.2, 0.3, 0.25, 0.1, 0.05])
     lm = get_peft_model(_tiny_lm(kind), PeftLoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     with torch.no_grad():  # B starts at 0 (π = π_ref): make the adapters do something
         for name, p in lm.named_parameters():
@@ -256,10 +261,12 @@ def test_shared_prompt_matches_full_sequences(tiny, kind, monkeypatch):
                 p.normal_(0, 0.1)
     lora = [p for p in lm.parameters() if p.requires_grad]
     calls = _CountCalls(lm.get_base_model().model)
+    widths = []  # the packed row's length at each body call
+    lm.get_base_model().model.register_forward_pre_hook(
+        lambda _, args, kw: widths.append((kw.get("input_ids") if "input_ids" in kw else args[0]).shape), with_kwargs=True)
     packed_calls = []
-    packed = ResponseLogProbs._packed_responses
-    monkeypatch.setattr(ResponseLogProbs, "_packed_responses",
-                        lambda self, *a: packed_calls.append(1) or packed(self, *a))
+    packed = ResponseLogProbs._packed
+    monkeypatch.setattr(ResponseLogProbs, "_packed", lambda self, *a: packed_calls.append(1) or packed(self, *a))
 
     def step(shared: bool, pack: bool = False):
         policy = ResponseLogProbs(lm)
@@ -277,9 +284,13 @@ def test_shared_prompt_matches_full_sequences(tiny, kind, monkeypatch):
     assert (logps_f - ref_f).abs().max() > 1e-2  # the adapters matter
     for pack in (False, True):  # (the packed results last: checked against each pair alone below)
         n0 = calls.n
+        widths.clear()
         ref_s, logps_s, ntok_s, grads_s = step(True, pack)
-        assert calls.n - n0 == 4  # prompts, then responses; reference and policy
-        assert len(packed_calls) == (2 if pack and kind != "gemma3" else 0)
+        used = pack and kind != "gemma3"
+        assert len(packed_calls) == (2 if used else 0)
+        assert calls.n - n0 == (2 if used else 4)  # reference and policy: one row each, or prompts then responses
+        if used:  # the tree's nodes, then every response token
+            assert widths == [(1, tree_nodes + int(ntok_f.sum()))] * 2
         packed_calls.clear()
         torch.testing.assert_close(ref_s, ref_f, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(logps_s, logps_f, rtol=1e-5, atol=1e-5)

@@ -250,19 +250,21 @@ class ResponseLogProbs(nn.Module):
     Two input layouts:
 
     - pairs (`collate`: prompt_ids, prompt_attention_mask, response_ids, response_attention_mask):
-      the body runs once over the B prompts (left-padded) with a KV cache, then once over the 2B
-      responses (chosen, then rejected) on top of it, positions continuing from each prompt's
-      length. So each prompt is processed once, not twice (on demo pairs ~40 % of the tokens a
-      full-sequence pass would process). The gradient reaches the prompt's computation through
-      the cache. The responses run packed: end to end in one row without padding, each attending
-      to its own prompt's cache through a block mask (`_packed_responses`; on the demo pairs,
-      padding was 28 % of the response tokens of a training batch and 46 % of a scoring batch);
-      where one 4D mask cannot serve (flash attention, a sliding window shorter than a pair) the
-      cache is replicated for 2B right-padded response rows instead. The first response token is
-      predicted from the last prompt position, the same for chosen and rejected. Where the cache
-      cannot be used (activation checkpointing on, or a model whose
-      cache is not made of plain dynamic layers) the pairs are laid out as 2B full sequences
-      and take the path below: the same values up to float rounding.
+      each prompt is processed once, not once per response, and the first response token is
+      predicted from the prompt's last position for chosen and rejected alike.
+      - Packed (`_packed`): the whole batch runs in one row without padding. The B prompts go in
+        as a prefix tree, so tokens several prompts begin with run once (a few-shot prompt's
+        examples in one language: about 60 of a demo prompt's ~87 tokens). The 2B responses
+        (chosen, then rejected) follow end to end. A block mask lets each token see exactly
+        what it would see in its own full sequence, at the same positions. Used where one 4D
+        mask serves every layer: sdpa or eager attention, and every prompt + response shorter
+        than any sliding window.
+      - Otherwise (`_shared`): the body runs once over the B left-padded prompts with a KV
+        cache, then over the 2B right-padded responses on the cache replicated for chosen and
+        rejected. The gradient reaches the prompt's computation through the cache.
+      - Where the cache cannot be used (activation checkpointing on, or a model whose cache is
+        not made of plain dynamic layers) the pairs are laid out as 2B full sequences and take
+        the path below. All three give the same values up to float rounding.
     - full sequences (input_ids, attention_mask, response_mask, right-padded; response_mask marks
       the response tokens): the body runs on whole sequences. With `prefix_ids` [P], every
       sequence continues those same P tokens (a few-shot prompt's examples, which the evaluation's
@@ -275,7 +277,7 @@ class ResponseLogProbs(nn.Module):
         # FSDP's transformer-based auto wrap looks for the decoder-layer classes here
         self._no_split_modules = list(getattr(lm, "_no_split_modules", None) or [])
         self.shared_prompt = True  # False: always the full-sequence path (tests compare the two)
-        self.pack_responses = True  # False: the responses as padded rows (tests compare the two)
+        self.pack_responses = True  # False: never `_packed` (tests compare the paths)
         self._cache_arg: str | None | bool = False  # not looked up yet
 
     # FSDP2 (accelerate) shards the embeddings and output layer as their own units when it finds them
@@ -303,13 +305,12 @@ class ResponseLogProbs(nn.Module):
         if cache is None:
             return self._full(causal, *_full_sequences(prompt_ids, prompt_attention_mask, response_ids,
                                                        response_attention_mask))
-        packed = self.pack_responses and _can_pack(causal.config, prompt_attention_mask, response_attention_mask)
-        if packed:
-            from transformers import DynamicCache
-
-            cache = DynamicCache()  # full layers: every pair fits any window (_can_pack), one mask serves all
+        if (self.pack_responses and _can_pack(causal.config, prompt_attention_mask, response_attention_mask)
+                and bool(prompt_attention_mask[:, -1].all())):  # (every prompt has a token)
+            return self._packed(causal, body, prompt_ids, prompt_attention_mask, response_ids,
+                                response_attention_mask)
         return self._shared(causal, body, cache, prompt_ids, prompt_attention_mask, response_ids,
-                            response_attention_mask, packed)
+                            response_attention_mask)
 
     def _new_cache(self, causal):
         """A plain DynamicCache for the shared-prompt and prefix paths, or None where the body
@@ -356,8 +357,9 @@ class ResponseLogProbs(nn.Module):
         del cache, kw
         return _response_sums(hidden, input_ids, response_mask, causal)
 
-    def _shared(self, causal, body, cache, prompt_ids, prompt_mask, response_ids, response_mask, packed):
-        n = len(prompt_ids)  # pairs; the responses are [chosen..., rejected...]
+    def _shared(self, causal, body, cache, prompt_ids, prompt_mask, response_ids, response_mask):
+        """The prompts as left-padded rows with a KV cache, then the 2B responses as right-padded
+        rows on the cache replicated for chosen and rejected."""
         kw = {self._cache_arg: cache, "use_cache": True}
         positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
         h_prompt = body(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, **kw)[0]
@@ -365,56 +367,52 @@ class ResponseLogProbs(nn.Module):
             self.shared_prompt = False  # the model did not fill the cache as expected: never again
             return self._full(causal, *_full_sequences(prompt_ids, prompt_mask, response_ids, response_mask))
         p_len = prompt_mask.sum(1)
-        if packed:
-            h_next = self._packed_responses(body, kw, cache, p_len, prompt_mask, response_ids, response_mask,
-                                            h_prompt.dtype)
-        else:
-            for layer in cache.layers:  # the same prompt for the chosen and the rejected row
-                layer.keys = torch.cat([layer.keys, layer.keys])
-                layer.values = torch.cat([layer.values, layer.values])
-            positions = p_len.repeat(2)[:, None] + torch.arange(response_ids.shape[1], device=response_ids.device)
-            mask = torch.cat([prompt_mask.repeat(2, 1), response_mask], 1)
-            h_resp = body(input_ids=response_ids, attention_mask=mask, position_ids=positions, **kw)[0]
-            h_next = h_resp[:, :-1][response_mask[:, 1:].bool()]
+        for layer in cache.layers:  # the same prompt for the chosen and the rejected row
+            layer.keys = torch.cat([layer.keys, layer.keys])
+            layer.values = torch.cat([layer.values, layer.values])
+        positions = p_len.repeat(2)[:, None] + torch.arange(response_ids.shape[1], device=response_ids.device)
+        mask = torch.cat([prompt_mask.repeat(2, 1), response_mask], 1)
+        h_resp = body(input_ids=response_ids, attention_mask=mask, position_ids=positions, **kw)[0]
         del cache, kw
-        # Response token 0 is predicted from the last prompt position (left padding: the last
-        # column), the same for chosen and rejected: one row, two targets. Response position t
-        # predicts token t+1 (h_next: those positions, row by row). One output-layer call for
-        # all rows (each call reads the whole layer).
-        predicts = response_mask[:, 1:].bool()
-        targets = response_ids[:, 1:][predicts]
-        logps = _head_logps(torch.cat([h_prompt[:, -1], h_next]),
-                            torch.cat([response_ids[:, 0].view(2, n).T, targets[:, None].expand(-1, 2)]), causal)
-        first = logps[:n].T.reshape(-1)  # [chosen..., rejected...]
-        sums = first.index_add(0, predicts.nonzero()[:, 0], logps[n:, 0])
-        return sums, response_mask.sum(1)
+        # left padding: each prompt's last position is the last column
+        return _pair_sums(h_prompt[:, -1], h_resp[:, :-1][response_mask[:, 1:].bool()], response_ids, response_mask,
+                          causal)
 
-    def _packed_responses(self, body, kw, cache, p_len, prompt_mask, response_ids, response_mask, dtype):
-        """The 2B responses without padding, end to end in one row, on top of the B prompts' cache
-        laid end to end: each response token attends to its own prompt's tokens and to its own
-        response's earlier tokens (a block mask), at positions continuing from its prompt. Chosen
-        and rejected read the same cached prompt, so the cache is not copied. Returns the hidden
-        states of the response positions that predict a next response token, row by row."""
-        n, width = prompt_mask.shape
+    def _packed(self, causal, body, prompt_ids, prompt_mask, response_ids, response_mask):
+        """The whole batch in one row without padding: the B prompts as a prefix tree (a token
+        several prompts begin with, such as a few-shot prompt's examples in one language, once),
+        then the 2B responses end to end. A block mask lets each token attend to its ancestors in
+        the tree and each response token to its own prompt's path and its own response's earlier
+        tokens, at the positions the full sequence gives it. On the demo's pairs the prompts were
+        two thirds of a batch's tokens, and a batch of same-language pairs shares about 60 of each
+        prompt's ~87 tokens."""
+        n = len(prompt_ids)
+        prompts = [row[m.bool()].tolist() for row, m in zip(prompt_ids, prompt_mask)]
+        tokens, depths, paths = _prefix_tree(prompts)
+        dev = prompt_ids.device
+        t = len(tokens)
+        ancestors = torch.zeros(t, t, dtype=torch.bool, device=dev)
+        for path in paths:  # a node's ancestors (and itself) are its path's first nodes
+            idx = torch.tensor(path, device=dev)
+            ancestors[idx[:, None], idx[None]] = torch.ones(len(path), len(path), dtype=torch.bool, device=dev).tril()
         real = response_mask.bool()
-        row = real.nonzero()[:, 0]  # the response row of each packed token
+        row = real.nonzero()[:, 0]  # the response row of each packed response token
         offset = (response_mask.cumsum(1) - 1)[real]  # its index within its response
         pair = row % n
-        for layer in cache.layers:  # [B, heads, P, dim] -> [1, heads, B*P, dim]
-            heads, dim = layer.keys.shape[1], layer.keys.shape[-1]
-            layer.keys = layer.keys.transpose(0, 1).reshape(heads, n * width, dim)[None]
-            layer.values = layer.values.transpose(0, 1).reshape(heads, n * width, dim)[None]
-        key_pair = torch.arange(n * width, device=row.device) // width
-        to_prompt = (key_pair[None] == pair[:, None]) & prompt_mask.reshape(-1).bool()[None]
+        last = torch.tensor([path[-1] for path in paths], device=dev)  # each prompt's last node
+        to_tree = ancestors[last[pair]]
         to_response = (row[None] == row[:, None]) & (offset[None] <= offset[:, None])
-        allowed = torch.cat([to_prompt, to_response], 1)[None, None]
-        if self._causal().config._attn_implementation != "sdpa":  # eager adds the mask to the scores
-            allowed = torch.zeros(allowed.shape, dtype=dtype, device=row.device).masked_fill(
-                ~allowed, torch.finfo(dtype).min)
-        h = body(input_ids=response_ids[real][None], attention_mask=allowed,
-                 position_ids=(p_len[pair] + offset)[None], **kw)[0][0]
+        allowed = torch.cat([torch.cat([ancestors, ancestors.new_zeros(t, len(row))], 1),
+                             torch.cat([to_tree, to_response], 1)])[None, None]
+        if causal.config._attn_implementation != "sdpa":  # eager adds the mask to the scores
+            dtype = causal.get_input_embeddings().weight.dtype
+            allowed = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill(~allowed, torch.finfo(dtype).min)
+        p_len = prompt_mask.sum(1)
+        ids = torch.cat([torch.tensor(tokens, dtype=response_ids.dtype, device=dev), response_ids[real]])
+        positions = torch.cat([torch.tensor(depths, device=dev), p_len[pair] + offset])
+        h = body(input_ids=ids[None], attention_mask=allowed, position_ids=positions[None], use_cache=False)[0][0]
         has_next = torch.cat([real[:, 1:], torch.zeros_like(real[:, :1])], 1)[real]
-        return h[has_next]
+        return _pair_sums(h[last], h[t:][has_next], response_ids, response_mask, causal)
 
     def _full(self, causal, input_ids, attention_mask, response_mask):
         hidden = causal.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
@@ -429,6 +427,44 @@ def _response_sums(hidden, input_ids, response_mask, causal) -> tuple[torch.Tens
     logps = _head_logps(hidden[:, :-1][predicts], input_ids[:, 1:][predicts], causal)
     sums = logps.new_zeros(len(input_ids)).index_add(0, predicts.nonzero()[:, 0], logps)
     return sums, predicts.sum(1)
+
+
+def _pair_sums(h_last, h_next, response_ids, response_mask, causal) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pairs layout's summed log-probs [2B] and response token counts, from each prompt's
+    last hidden state `h_last` [B, d] and the hidden states of the response positions that
+    predict a next response token `h_next`, row by row. Response token 0 is predicted from the
+    prompt's last position, the same for chosen and rejected: one row, two targets; response
+    position t predicts token t+1. One output-layer call for all rows (each call reads the
+    whole layer)."""
+    n = len(h_last)
+    predicts = response_mask[:, 1:].bool()
+    targets = response_ids[:, 1:][predicts]
+    logps = _head_logps(torch.cat([h_last, h_next]),
+                        torch.cat([response_ids[:, 0].view(2, n).T, targets[:, None].expand(-1, 2)]), causal)
+    first = logps[:n].T.reshape(-1)  # [chosen..., rejected...]
+    sums = first.index_add(0, predicts.nonzero()[:, 0], logps[n:, 0])
+    return sums, response_mask.sum(1)
+
+
+def _prefix_tree(prompts: list[list[int]]) -> tuple[list[int], list[int], list[list[int]]]:
+    """Token sequences as a prefix tree: its nodes' tokens and depths (a node's position in each
+    sequence through it), and each sequence's path of node indices. A prefix shared by several
+    sequences is one chain of nodes."""
+    tokens, depths, paths = [], [], []
+    children: list[dict[int, int]] = [{}]  # children[0]: the root's; children[j + 1]: node j's
+    for seq in prompts:
+        here, path = children[0], []
+        for depth, tok in enumerate(seq):
+            j = here.get(tok)
+            if j is None:
+                j = here[tok] = len(tokens)
+                tokens.append(tok)
+                depths.append(depth)
+                children.append({})
+            path.append(j)
+            here = children[j + 1]
+        paths.append(path)
+    return tokens, depths, paths
 
 
 def _full_sequences(prompt_ids, prompt_mask, response_ids, response_mask):
