@@ -21,7 +21,8 @@ norm clipped at 1, AdamW without weight decay.
   forward of the 2B right-padded prompt+chosen / prompt+rejected rows through the decoder
   body, the output layer and log_softmax only on the response positions, DPO sigmoid +
   NLL, backward, clip, fused AdamW, cosine schedule; then merge + save. The same batches
-  as lidr (its length-grouped shuffle with seed 0, rewritten here), so the losses compare.
+  as lidr (its shuffle with seed 0, sorted by prompt in windows, rewritten here), so the
+  losses compare.
 
 Each trainer runs in its own subprocess, so the peak resident memory (ru_maxrss at the
 end) is its own. "train work" is what each must do to train: the reference pass + training
@@ -250,13 +251,14 @@ def worker_hand(job: dict) -> dict:
     ref = ref.clone()  # a normal tensor outside inference mode
     model.train()
 
-    # the batches: lidr's plan (shuffle, sort by length in windows of 50 batches, shuffle the batches)
+    # the batches: lidr's plan for a model whose batches it packs (sdpa attention, as here):
+    # shuffle, sort by the prompts' token ids in windows of 50 batches, shuffle the batches
     rng = random.Random(SEED)
     shuffled = list(range(n))
     rng.shuffle(shuffled)
     batches = []
     for s in range(0, n, bs * 50):
-        window = sorted(shuffled[s:s + bs * 50], key=length.__getitem__)
+        window = sorted(shuffled[s:s + bs * 50], key=lambda i: pairs[i][0])
         batches += [window[i:i + bs] for i in range(0, len(window), bs)]
     rng.shuffle(batches)
     groups = [batches[s:s + accum] for s in range(0, len(batches), accum)]  # one optimizer step each

@@ -220,13 +220,19 @@ def _can_pack(config, prompt_mask: torch.Tensor, response_mask: torch.Tensor) ->
     attention is sdpa or eager (a 4D mask is used as given; flash-attention kernels take none),
     and every prompt + response is shorter than any sliding window, so that one mask serves the
     full and the sliding-window layers alike."""
-    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
+    if not _packs(config):
         return False
     window = _sliding_window(config)
     if window is None:
         return True
     longest = (prompt_mask.sum(1).repeat(2) + response_mask.sum(1)).max()
     return bool(longest < window)
+
+
+def _packs(config) -> bool:
+    """Whether the attention takes a 4D mask as given (sdpa, eager; flash-attention kernels take
+    none): `_can_pack`'s condition for every batch of the model (its window one is per batch)."""
+    return getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
 
 
 def _sliding_window(config) -> int | None:
@@ -519,13 +525,16 @@ def planned_steps(n_pairs: int, batch_size: int, gradient_accumulation: int, num
     return math.ceil(math.ceil(n_pairs / (batch_size * num_processes)) / gradient_accumulation) * epochs
 
 
-def plan_batches(lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
-    """Shuffle, sort by length within windows of 50 batches (little padding), shuffle batch order."""
-    order = list(range(len(lengths)))
+def plan_batches(keys: list, batch_size: int, rng: random.Random) -> list[list[int]]:
+    """Shuffle, sort by `keys` within windows of 50 batches, shuffle the batch order. The keys are
+    the pairs' lengths where batches run as padded rows (neighbours pad little), or their prompts'
+    token ids where a batch runs packed (`ResponseLogProbs._packed`): neighbours then share the
+    longest prefixes, such as a few-shot prompt's examples in one language, which run once."""
+    order = list(range(len(keys)))
     rng.shuffle(order)
     batches, window = [], batch_size * 50
     for s in range(0, len(order), window):
-        chunk = sorted(order[s:s + window], key=lengths.__getitem__)
+        chunk = sorted(order[s:s + window], key=keys.__getitem__)
         batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
     rng.shuffle(batches)
     return batches
@@ -771,14 +780,16 @@ def train_dpo_nll(model_path: str | Path, examples: list[dict], out_dir: str | P
     fused = acc.distributed_type == DistributedType.NO and all(p.dtype == torch.float32 for p in params)
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0, fused=fused or None)
     policy, optimizer = acc.prepare(ResponseLogProbs(lm), optimizer)
+    packs = _packs(acc.unwrap_model(policy)._causal().config)  # batches in one row: order pairs by prompt
     accum = acc.gradient_accumulation_steps  # DeepSpeed's config may have set it
 
     def score_all(adapters: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """One no-grad pass over all pairs, longest prompts first, SCORE_PAIRS (at least) at a
-        time: log-probs and token counts, [pairs, 2]. (Packed responses leave only the prompts'
-        padding, so pairs are grouped by prompt length.) Each process scores every
-        num_processes-th batch; the results are summed across them."""
-        order = sorted(range(len(pairs)), key=lambda i: (len(pairs[i].prompt), lengths[i]), reverse=True)
+        """One no-grad pass over all pairs, SCORE_PAIRS (at least) at a time: log-probs and token
+        counts, [pairs, 2]. Packed batches in the order of their prompts' token ids (shared
+        prefixes run once a batch), padded ones longest prompts first (the prompts pad least).
+        Each process scores every num_processes-th batch; the results are summed across them."""
+        order = sorted(range(len(pairs)), key=lambda i: pairs[i].prompt) if packs else sorted(
+            range(len(pairs)), key=lambda i: (len(pairs[i].prompt), lengths[i]), reverse=True)
         size = max(SCORE_PAIRS, 2 * cfg.batch_size)
         chunks = [order[s:s + size] for s in range(0, len(order), size)]
         mine = chunks[acc.process_index::n_proc]
@@ -808,7 +819,8 @@ def train_dpo_nll(model_path: str | Path, examples: list[dict], out_dir: str | P
 
     def loader():
         """This epoch's batches: the same global batches for any process count, sharded."""
-        micro = shard_batches(plan_batches(lengths, cfg.batch_size * n_proc, rng), cfg.batch_size, n_proc, accum)
+        keys = [p.prompt for p in pairs] if packs else lengths
+        micro = shard_batches(plan_batches(keys, cfg.batch_size * n_proc, rng), cfg.batch_size, n_proc, accum)
         slots = [s for mb in micro for s in mb]
         starts = list(itertools.accumulate(map(len, micro), initial=0))
         return acc.prepare(torch.utils.data.DataLoader(
