@@ -228,6 +228,16 @@ def test_fp16_screen_bound_holds_and_keeps_the_argmax():
             assert int(exact.argmax()) in kept.tolist() and len(kept) < 100
 
 
+def _prefill_steps(backend, monkeypatch) -> list:
+    """The shapes of the decoder's forwards inside its prefill (filled in as it runs)."""
+    steps, in_prefill = [], []
+    step, prefill = backend.decoder._step, backend.decoder._prefill
+    monkeypatch.setattr(backend.decoder, "_step", lambda ids, *a: in_prefill and steps.append(ids.shape) or step(ids, *a))
+    monkeypatch.setattr(backend.decoder, "_prefill",
+                        lambda group: in_prefill.append(1) or (prefill(group), in_prefill.clear())[0])
+    return steps
+
+
 @pytest.mark.parametrize("chunk", [16, 2])
 def test_prompts_that_begin_alike_share_their_prefix_forward(backend, chunk, monkeypatch):
     """Few-shot prompts of one language (one translation direction) begin with the same
@@ -238,11 +248,7 @@ def test_prompts_that_begin_alike_share_their_prefix_forward(backend, chunk, mon
     import lidr.backends.decode as decode
 
     monkeypatch.setattr(decode, "PREFILL_ROWS", chunk)
-    steps, in_prefill = [], []
-    step, prefill = backend.decoder._step, backend.decoder._prefill
-    monkeypatch.setattr(backend.decoder, "_step", lambda ids, *a: in_prefill and steps.append(ids.shape) or step(ids, *a))
-    monkeypatch.setattr(backend.decoder, "_prefill",
-                        lambda group: in_prefill.append(1) or (prefill(group), in_prefill.clear())[0])
+    steps = _prefill_steps(backend, monkeypatch)
     shot_a = "<s> the cat sat on the mat and then it ran under the big tree one two three four five six seven"
     shot_b = "<s> seven eight nine ten the dog was very happy and sad then a red cat sat on one small mat"
     prompts = [f"{shot_a} {t}" for t in ("the dog", "a big red", "nine ten one two", "it was")]
@@ -273,11 +279,7 @@ def test_prefill_splits_rests_of_far_apart_lengths(backend, monkeypatch):
     and every row still gets what `generate` gives its prompt alone."""
     if backend.kind == "gemma3":
         pytest.skip("past its sliding window the prefix is not shared and chunks cannot be joined")
-    steps, in_prefill = [], []
-    step, prefill = backend.decoder._step, backend.decoder._prefill
-    monkeypatch.setattr(backend.decoder, "_step", lambda ids, *a: in_prefill and steps.append(ids.shape) or step(ids, *a))
-    monkeypatch.setattr(backend.decoder, "_prefill",
-                        lambda group: in_prefill.append(1) or (prefill(group), in_prefill.clear())[0])
+    steps = _prefill_steps(backend, monkeypatch)
     shot = "<s> the cat sat on the mat and then it ran under the big tree one two three four five six seven"
     long = " ".join(["the dog was very happy and sad then a red cat sat on one small mat"] * 2)
     prompts = [f"{shot} {t}" for t in ("the dog", "a big", "nine", "it was", "blue")]

@@ -270,7 +270,7 @@ def test_shared_prompt_matches_full_sequences(tiny, kind, monkeypatch):
 
     def step(shared: bool, pack: bool = False):
         policy = ResponseLogProbs(lm)
-        policy.shared_prompt, policy.pack_responses = shared, pack
+        policy.shared_prompt, policy.pack_batches = shared, pack
         with torch.no_grad(), lm.disable_adapter():
             ref, _ = policy(**batch)
         logps, ntok = policy(**batch)
@@ -384,8 +384,10 @@ def _cfg(**kw):
     return TrainingConfig(**{**base, **kw})
 
 
-def test_train_lora_end_to_end(tiny, tmp_path):
-    calls = []
+def test_train_lora_end_to_end(tiny, tmp_path, monkeypatch):
+    calls, planned = [], []
+    plan = train_mod.plan_batches
+    monkeypatch.setattr(train_mod, "plan_batches", lambda keys, *a: planned.append(keys) or plan(keys, *a))
     cfg = _cfg(learning_rate=1e-3, epochs=5, batch_size=2, gradient_accumulation=2, lora=LoraConfig(r=8, alpha=16),
                final_metrics=True)
     summary = train_dpo_nll(tiny, EXAMPLES, tmp_path / "model", cfg, seed=0, log_dir=tmp_path / "log",
@@ -406,6 +408,8 @@ def test_train_lora_end_to_end(tiny, tmp_path):
     tok, _ = _load(tiny)
     pairs, _ = tokenize_pairs(tok, EXAMPLES, max_length=128)
     assert summary["tokens"] == 5 * sum(len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
+    # the model packs its batches (sdpa): pairs are batched by prompt, so that shared prefixes run once
+    assert planned == [[p.prompt for p in pairs]] * 5
 
     # The saved model is a plain causal LM (LoRA merged) and scores the pairs as the trained policy did.
     tok, base = _load(tiny)

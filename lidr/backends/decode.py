@@ -551,8 +551,7 @@ class ContinuousDecoder:
         for i in sorted(range(len(prompts)), key=prompts.__getitem__):
             p = prompts[i]
             if clusters:
-                first, limit = prompts[clusters[-1][1][0]], min(clusters[-1][0], len(p) - 1)
-                n = next((k for k in range(limit) if first[k] != p[k]), limit)
+                n = common_length(prompts[clusters[-1][1][0]], p, min(clusters[-1][0], len(p) - 1))
                 if n >= MIN_SHARED:
                     clusters[-1][0] = n
                     clusters[-1][1].append(i)
@@ -738,6 +737,11 @@ def _keep_rows(cache, keep: list[int], plain: bool, device) -> list[int]:
             layer.values[to] = layer.values[fro]
         layer.keys, layer.values = layer.keys[:m], layer.values[:m]
     return order
+
+
+def common_length(a: list[int], b: list[int], limit: int) -> int:
+    """How many first tokens `a` and `b` share, counting at most `limit`."""
+    return next((k for k in range(limit) if a[k] != b[k]), limit)
 
 
 def _chunk_bounds(lengths: list[int], max_rows: int) -> list[tuple[int, int]]:

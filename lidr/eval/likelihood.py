@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from lidr.backends.decode import MIN_SHARED  # as generation: tokens worth sharing a prefix's forward for
+from lidr.backends.decode import MIN_SHARED, common_length  # as generation: tokens worth sharing a forward for
 from lidr.eval.stats import mean_ci
 from lidr.records import JsonlAppender, atomic_write_json, load_records
 
@@ -25,9 +25,8 @@ def _shared_prefix(prompts: list[list[int]]) -> int:
     """Tokens every prompt begins with, leaving each prompt at least one token of its own (the
     first reference token is predicted from a prompt position after the prefix)."""
     n = min(map(len, prompts)) - 1
-    first = prompts[0]
     for p in prompts[1:]:
-        n = next((k for k in range(n) if p[k] != first[k]), n)
+        n = common_length(prompts[0], p, n)
     return max(n, 0)
 
 

@@ -58,7 +58,9 @@ from lidr.head import TokenLogProbs, token_logps
 # each recomputed in the backward pass, so memory stays bounded on long GPU batches.
 LOGITS_BLOCK = 2**28
 # Pairs per forward in the no-grad scoring passes (reference, final metrics). Reference pass over
-# 25 demo pairs on 2 CPU cores, best of 3: 8 at a time 12.3 s, 16 at a time 13.0 s.
+# 25 demo pairs on 2 CPU cores, packed (bench/README.md, round 15; noisy): 4 at a time 9.1-10.0 s,
+# 8 at a time 6.5-9.1 s, 16 at a time 6.5-7.0 s. Kept at 8: a packed row's attention grows with the
+# square of its length (before packing, round 3: 8 at a time 12.3 s, 16 at a time 13.0 s).
 SCORE_PAIRS = 8
 
 
@@ -275,7 +277,11 @@ class ResponseLogProbs(nn.Module):
       the response tokens): the body runs on whole sequences. With `prefix_ids` [P], every
       sequence continues those same P tokens (a few-shot prompt's examples, which the evaluation's
       reference likelihood scores many answers after): the prefix runs once with a KV cache that
-      every row reads (`_after_prefix`), where the full path would run it once per row."""
+      every row reads (`_after_prefix`), where the full path would run it once per row. (Not the
+      prefix tree of `_packed`: its mask is dense, so attention costs T^2 for a row of T tokens,
+      and the evaluation's rows carry references of up to 256 tokens: 8 such rows make T ~ 2000,
+      where attention would be about three quarters of the body's arithmetic on gemma-3-270m
+      (by arithmetic); `_after_prefix` pads the rows instead.)"""
 
     def __init__(self, lm: nn.Module):
         super().__init__()
@@ -283,7 +289,7 @@ class ResponseLogProbs(nn.Module):
         # FSDP's transformer-based auto wrap looks for the decoder-layer classes here
         self._no_split_modules = list(getattr(lm, "_no_split_modules", None) or [])
         self.shared_prompt = True  # False: always the full-sequence path (tests compare the two)
-        self.pack_responses = True  # False: never `_packed` (tests compare the paths)
+        self.pack_batches = True  # False: never `_packed` (tests compare the paths)
         self._cache_arg: str | None | bool = False  # not looked up yet
 
     # FSDP2 (accelerate) shards the embeddings and output layer as their own units when it finds them
@@ -311,7 +317,7 @@ class ResponseLogProbs(nn.Module):
         if cache is None:
             return self._full(causal, *_full_sequences(prompt_ids, prompt_attention_mask, response_ids,
                                                        response_attention_mask))
-        if (self.pack_responses and _can_pack(causal.config, prompt_attention_mask, response_attention_mask)
+        if (self.pack_batches and _can_pack(causal.config, prompt_attention_mask, response_attention_mask)
                 and bool(prompt_attention_mask[:, -1].all())):  # (every prompt has a token)
             return self._packed(causal, body, prompt_ids, prompt_attention_mask, response_ids,
                                 response_attention_mask)
@@ -852,8 +858,8 @@ def train_dpo_nll(model_path: str | Path, examples: list[dict], out_dir: str | P
                     optimizer.step()  # a no-op until the last micro-batch of the step
                     optimizer.zero_grad()
                 held = held + _sums(terms, real)
-                # tokens the body processed: each prompt once, both responses (no padding; the
-                # full-sequence fallback processes the prompts twice, which this does not count)
+                # tokens trained on: each prompt once, both responses, no padding (the body runs
+                # fewer where prompts share a prefix in `_packed`, more on the full-sequence path)
                 tokens += int((batch["prompt_attention_mask"].sum(1) * real).sum()
                               + (batch["response_attention_mask"].sum(1) * real.repeat(2)).sum())
                 if not acc.sync_gradients:
