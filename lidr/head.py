@@ -293,20 +293,23 @@ class Int8Head:
         l1, scale = w.new_empty(vocab), w.new_empty(vocab)
         q = torch.empty(vocab, d, dtype=torch.int8)
         w_out = w.new_empty(vocab, k)  # the outlier channels' weights (a column gather, block by block)
-        rows = 4096  # quantized at a time, into the same two buffers (new ones fault in every page)
+        # Rows quantized at a time, into the same two buffers (new ones fault in every page): 1024
+        # rows (2.6 MB a buffer) stay in cache across the passes; 0.26 s against 0.41 s for 4096
+        # (gemma-3-270m, the same bytes; bench/README.md, round 16).
+        rows = 1024
         x, a = w.new_empty(rows, d), w.new_empty(rows, d)
         rest = w.new_ones(d)
         rest[self.outliers] = 0
         for i in range(0, vocab, rows):
             n = min(rows, vocab - i)
             xb, ab = x[:n], a[:n]
-            torch.abs(w[i:i + n], out=ab).mul_(rest)
+            torch.mul(w[i:i + n], rest, out=xb)
+            torch.abs(xb, out=ab)
             torch.sum(ab, 1, out=l1[i:i + n])
             s = scale[i:i + n]
             torch.amax(ab, 1, out=s)
             s.div_(127).clamp_(min=torch.finfo(torch.float32).tiny)  # an all-zero row: any scale
-            torch.div(w[i:i + n], s[:, None], out=xb).mul_(rest)
-            q[i:i + n] = xb.round_()
+            q[i:i + n] = xb.div_(s[:, None]).round_()
             torch.index_select(w[i:i + n], 1, self.outliers, out=w_out[i:i + n])
         self.vocab, self.d_rest = vocab, d - k
         # [w_O | |w_R|_1 | s]^T: the fp32 product adds the outlier channels' logits and the bound
