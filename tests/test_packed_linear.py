@@ -62,6 +62,33 @@ def test_packed_for_inference_only_keeps_one_copy_and_falls_back_for_gradients()
     torch.testing.assert_close(packed_linear.linear(x, packed_linear.pack_weight(w, 16)), x @ w.T, rtol=1e-5, atol=1e-5)
 
 
+def test_a_forward_copy_is_kept_and_the_backward_copy_added():
+    """A model a decoder packed for the forward (rows hint 16) and training then packs (hint 128):
+    each layer keeps its forward copy, gets the backward's, and gives `F.linear`'s values and input
+    gradients through oneDNN; a copy packed for 16 rows computes what one for 128 does, bit for bit."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 32, bias=False)).requires_grad_(False)
+    x = torch.randn(300, 64, requires_grad=True)
+    want = model(x)
+    (want_grad,) = torch.autograd.grad(want.square().sum(), x)
+    assert packed_linear.pack(model, rows_hint=16, backward=False) == 2
+    first = [m._lidr_packed[0] for m in (model[0], model[2])]
+    assert packed_linear.pack(model) == 2
+    assert [m._lidr_packed[0] for m in (model[0], model[2])] == first  # the same objects, not packed again
+    assert all(m._lidr_packed[1] is not None for m in (model[0], model[2]))
+    assert packed_linear.pack(model) == 2 and [m._lidr_packed[0] for m in (model[0], model[2])] == first
+    with torch.profiler.profile() as prof:
+        got = model(x)
+        (grad,) = torch.autograd.grad(got.square().sum(), x)
+    assert sum(e.name == "mkldnn::_linear_pointwise" for e in prof.events()) == 4  # 2 forward, 2 backward
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-5)
+    w = model[0].weight
+    for rows in (1, 7, 16, 100, 300):
+        assert torch.equal(packed_linear.linear(x[:rows].detach(), packed_linear.pack_weight(w, 16)),
+                           packed_linear.linear(x[:rows].detach(), packed_linear.pack_weight(w, 128)))
+
+
 def _lora_model(dropout: float = 0.0):
     """A tiny Llama with LoRA on every linear layer, B not zero (so the adapters do something),
     a batch of two pairs, and its DPO+NLL step: (log-probs, adapter gradients)."""

@@ -96,6 +96,7 @@ def test_one_iteration_end_to_end(reference: Path):
     from lidr.models import resolve_model
 
     summary = json.loads((it / "train" / "summary.json").read_text())
+    assert summary["model_from"] == "memory"  # M0 as the generation engine held it, not loaded again
     assert summary["save_linked"] == ["model.embed_tokens.weight"] and summary["save_written"] == []
     assert os.path.samefile(model / "model-embed_tokens.safetensors",
                             resolve_model("gemma-3-270m") / "model-embed_tokens.safetensors")

@@ -430,6 +430,44 @@ def test_train_lora_end_to_end(tiny, tmp_path, monkeypatch):
     assert saved(text).input_ids == tok(text).input_ids and saved.pad_token_id == tok.pad_token_id
 
 
+def test_training_takes_the_generation_engines_model(tiny, tmp_path):
+    """The train stage takes M_t from the generation engine (`HFBackend.take_model`: the layers the
+    decoder packed for the forward stay packed) instead of loading its files again: the same steps
+    and saved weights as from the files, and the model is freed when training returns."""
+    import weakref
+
+    from lidr.backends.hf import HFBackend
+    from lidr.pipeline.launch import takes_model
+
+    cfg = _cfg(learning_rate=1e-3, epochs=2, batch_size=2, lora=LoraConfig(r=8, alpha=16))
+    loaded = train_dpo_nll(tiny, EXAMPLES, tmp_path / "a", cfg, seed=0, log_dir=tmp_path / "log-a")
+
+    backend = HFBackend(tiny, dtype="float32", device="cpu")
+    backend.generate([EXAMPLES[0]["prompt"], EXAMPLES[1]["prompt"]], max_new_tokens=3)
+    packed = backend.decoder.packed_layers
+    held = [backend.take_model()]
+    assert not hasattr(backend, "model") and not hasattr(backend, "decoder")
+    assert takes_model(cfg, held[0]) and not takes_model(_cfg(lora=None), held[0])
+    assert not takes_model(_cfg(lora=LoraConfig(), dtype="bfloat16"), held[0])
+    if packed:  # x86-64 with oneDNN: the decoder packed the body's layers for the forward
+        assert sum("_lidr_packed" in vars(m) for m in held[0].modules()) > 0
+    alive = weakref.ref(held[0])
+    taken = train_dpo_nll(tiny, EXAMPLES, tmp_path / "b", cfg, seed=0, log_dir=tmp_path / "log-b",
+                          take_model=held.pop)
+    assert (loaded["model_from"], taken["model_from"]) == ("files", "memory")
+    assert loaded["packed_linears"] == taken["packed_linears"]
+    steps = [[{k: v for k, v in json.loads(x).items() if k not in ("seconds", "elapsed")}
+              for x in (tmp_path / log / "metrics.jsonl").read_text().splitlines()] for log in ("log-a", "log-b")]
+    assert steps[0] == steps[1] and len(steps[0]) == 8
+    for file in (tmp_path / "a").glob("*.safetensors"):
+        assert file.read_bytes() == (tmp_path / "b" / file.name).read_bytes()
+    assert alive() is None  # training held the only reference and let it go
+
+    with pytest.raises(ValueError, match="LoRA training in one process"):
+        train_dpo_nll(tiny, EXAMPLES, tmp_path / "c", _cfg(lora=None), seed=0, log_dir=tmp_path / "log-c",
+                      take_model=lambda: HFBackend(tiny, dtype="float32", device="cpu").take_model())
+
+
 def test_a_tokenizer_without_its_json_is_not_copied(tiny, tmp_path):
     from lidr.models import copy_tokenizer
 

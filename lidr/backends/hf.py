@@ -79,6 +79,15 @@ class HFBackend:
         self.decoder.run(list(items), max_rows=batch_size, max_new_tokens=max_new_tokens,
                          repetition_penalty=repetition_penalty, on_result=done)
 
+    def take_model(self):
+        """Hand the model over and close the rest (the decoder with its caches and screens): for
+        the train stage, which would otherwise load the same files again. The frozen layers the
+        decoder packed stay packed for the forward (`packed_linear.pack` adds the backward's
+        copies; `packed_linear.unpack` restores them); all parameters are frozen."""
+        model = self.model
+        del self.model, self.decoder
+        return model
+
     def close(self) -> None:
         # A packed layer's forward refers to the layer itself: a reference cycle that would keep
         # the model and its packed copies in memory until the next garbage collection.

@@ -115,13 +115,28 @@ def describe(cfg: TrainingConfig) -> str:
 
 
 def train(model_path: str | Path, examples: list[dict], out_dir: str | Path, cfg: TrainingConfig, seed: int,
-          log_dir: str | Path, progress: Callable[[int, int, dict], None] | None = None) -> dict:
-    """Stage 4, in process or under accelerate launch (same arguments and result as train_dpo_nll)."""
+          log_dir: str | Path, progress: Callable[[int, int, dict], None] | None = None,
+          take_model: Callable | None = None) -> dict:
+    """Stage 4, in process or under accelerate launch (same arguments and result as train_dpo_nll;
+    `take_model` only where `takes_model` says so)."""
     if not launched(cfg):
         from lidr.pipeline.train import train_dpo_nll
 
-        return train_dpo_nll(model_path, examples, out_dir, cfg, seed=seed, log_dir=log_dir, progress=progress)
+        return train_dpo_nll(model_path, examples, out_dir, cfg, seed=seed, log_dir=log_dir, progress=progress,
+                             take_model=take_model)
+    if take_model is not None:
+        raise ValueError("train: a model in memory cannot go to processes under accelerate launch")
     return train_launched(model_path, examples, out_dir, cfg, seed, log_dir, progress)
+
+
+def takes_model(cfg: TrainingConfig, model) -> bool:
+    """Whether stage 4 can train `model`, M_t already in memory as loading its files gives it (the
+    generation engine's: `HFBackend.take_model`), instead of loading them again: LoRA (the base
+    stays frozen) in this process, in the dtype training loads."""
+    from lidr.pipeline.train import resolve_dtype
+
+    return (not launched(cfg) and cfg.lora is not None
+            and next(model.parameters()).dtype == resolve_dtype(cfg.dtype))
 
 
 def train_launched(model_path, examples, out_dir, cfg: TrainingConfig, seed: int, log_dir,

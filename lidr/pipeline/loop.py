@@ -72,6 +72,7 @@ class Loop:
         self.state = State(self.run.root / "state.json")
         self._backend = None  # the generation engine, loaded on first need
         self._backend_model: Path | None = None
+        self._kept_model: dict[int, object] = {}  # t -> M_t, taken from the engine for training (release_backend)
         self._translator = None  # (engine, prompt format) of `translator`, when set
         self._base_model: Path | None = None
         self._tokenizers: dict[Path, object] = {}
@@ -133,8 +134,23 @@ class Loop:
             f"`vllm serve {want} --served-model-name {server.model}`, and run again (finished stages are kept)."
         )
 
-    def release_backend(self) -> None:
-        if self._backend is not None:
+    def release_backend(self, keep_model_for: int | None = None) -> None:
+        """Close the generation engine (and the translator's). With `keep_model_for` t: where the
+        engine holds M_t and training can take it (`launch.takes_model`), keep the model (in
+        `_kept_model`) for training rather than load the same files again."""
+        from lidr.pipeline.launch import takes_model
+
+        if self._kept_model:  # kept and not taken (training stopped before it took it)
+            from lidr import packed_linear
+            from lidr.models import release_memory
+
+            while self._kept_model:  # (a packed layer's forward refers to the layer: a cycle)
+                packed_linear.unpack(self._kept_model.popitem()[1])
+            release_memory(collect=False)
+        if (keep_model_for is not None and self._backend_model == self.model_in(keep_model_for)
+                and hasattr(self._backend, "take_model") and takes_model(self.cfg.training, self._backend.model)):
+            self._kept_model[keep_model_for] = self._backend.take_model()
+        elif self._backend is not None:
             self._backend.close()
         self._backend, self._backend_model = None, None
         if self._translator is not None:
@@ -368,7 +384,7 @@ class Loop:
     def _train(self, t: int) -> dict:
         from lidr.pipeline.launch import train  # in process, or under accelerate launch (num_processes > 1)
 
-        self.release_backend()  # free the generation model's memory for training
+        self.release_backend(keep_model_for=t)  # free the generation engine's memory for training
         pairs = load_records(self.run.pairs(t))
         if not pairs:
             raise RuntimeError(f"iter-{t}: no preference pairs were kept (see {self.run.dropped(t)}); nothing to train")
@@ -386,8 +402,11 @@ class Loop:
                 bar.update(task, completed=step, total=total,
                            description=f"train loss {metrics['loss']:.3f} acc {metrics['reward_accuracy']:.2f}")
 
+            # M_t as the generation engine held it, where training can take it (else loaded from disk);
+            # taken out of `_kept_model` by training itself, which then holds the only reference
             summary = train(self.model_in(t), examples, self.run.model(t), self.cfg.training,
-                            seed=self.cfg.seed + t, log_dir=self.run.train_log(t), progress=on_step)
+                            seed=self.cfg.seed + t, log_dir=self.run.train_log(t), progress=on_step,
+                            take_model=(lambda: self._kept_model.pop(t)) if t in self._kept_model else None)
         return summary
 
     # ---- evaluation -----------------------------------------------------------------

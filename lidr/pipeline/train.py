@@ -716,10 +716,18 @@ def _consolidated_lm(acc, policy, model_path, cfg: TrainingConfig):
 
 def train_dpo_nll(model_path: str | Path, examples: list[dict], out_dir: str | Path, cfg: TrainingConfig,
                   seed: int, log_dir: str | Path,
-                  progress: Callable[[int, int, dict], None] | None = None) -> dict:
+                  progress: Callable[[int, int, dict], None] | None = None,
+                  take_model: Callable[[], nn.Module] | None = None) -> dict:
     """Train the model at model_path on examples ({"prompt", "chosen", "rejected"}: fully rendered
     text) with DPO + NLL; save the result (LoRA merged) with its tokenizer to out_dir; write
     log_dir/metrics.jsonl (one line per optimizer step) and log_dir/summary.json. Returns the summary.
+
+    `take_model`: returns the model at model_path already in memory, as loading it gives it (the
+    generation engine's, `HFBackend.take_model`; its frozen layers may be packed for the forward),
+    for LoRA training in one process (`launch.takes_model`): trained instead of loading the files
+    again. Called where the files would be loaded, so that training holds the only reference (and
+    frees the model before it returns). In the demo this saved the load, the closing of the engine
+    and the forward's packing: about 0.6 s a train stage (bench/README.md, round 16).
 
     Under `accelerate launch` every process calls this with the same arguments; each trains on
     its share of every global batch, and only the main process writes files."""
@@ -755,7 +763,15 @@ def train_dpo_nll(model_path: str | Path, examples: list[dict], out_dir: str | P
     # Full fine-tuning: fp32 master weights with bf16 autocast, since a bf16 weight cannot
     # absorb an update as small as lr=5e-7 (it rounds away). (DeepSpeed and FSDP with
     # mixed_precision: bf16 keep the fp32 master copy themselves.)
-    lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype if cfg.lora else torch.float32)
+    from_files = take_model is None
+    if from_files:
+        lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype if cfg.lora else torch.float32)
+    elif cfg.lora is None or n_proc > 1:
+        raise ValueError("train_dpo_nll: a model in memory is taken for LoRA training in one process only")
+    else:
+        lm = take_model().to(acc.device)
+        if lm.dtype != dtype:
+            raise ValueError(f"train_dpo_nll: the model taken is {lm.dtype}, training loads {dtype}")
     for m in lm.modules():  # as TRL: dropout would make π differ from π_ref at step 0
         if isinstance(m, nn.Dropout):
             m.p = 0.0
@@ -781,6 +797,10 @@ def train_dpo_nll(model_path: str | Path, examples: list[dict], out_dir: str | P
         # the frozen base layers (not the output layer: lidr/head.py computes it from its weight)
         packed = packed_linear.pack(lm, skip=(lm.get_output_embeddings(),))
         packed_linear.fuse_lora(lm)  # each LoRA layer over a packed base in one autograd node
+    elif not from_files:
+        from lidr import packed_linear
+
+        packed_linear.unpack(lm)  # layers a decoder packed: plain again, as training.cpu_packed_weights asks
     params = [p for p in lm.parameters() if p.requires_grad]
     # fused: one kernel updates all parameters (in a single process; sharded optimizers keep the default)
     fused = acc.distributed_type == DistributedType.NO and all(p.dtype == torch.float32 for p in params)
@@ -910,6 +930,7 @@ def train_dpo_nll(model_path: str | Path, examples: list[dict], out_dir: str | P
         "dtype": str(dtype).removeprefix("torch."), "beta": cfg.beta, "nll_weight": cfg.nll_weight,
         "num_processes": n_proc, "distributed": str(acc.distributed_type.value),
         "effective_batch": cfg.batch_size * accum * n_proc, "packed_linears": packed,
+        "model_from": "files" if from_files else "memory",  # loaded from model_path, or taken
         "tokens": int(acc.reduce(torch.tensor(tokens, device=acc.device), "sum")),
         **trunc,
         "seconds": round(time.time() - t0, 3), "ref_seconds": round(ref_seconds, 3),
