@@ -60,6 +60,15 @@ Round 12:
   `lidr.checkpoint.save_model` with the embedding, which LoRA leaves as loaded, linked from
   the converted model's own file instead of written; both folders' tensors compared.
 
+Round 16:
+
+- the train stage's model after the generation engine on the same M_t (its decoder packed the
+  body's frozen layers for the forward at its set-up): the engine closed, M_t loaded again and
+  both copies of its layers packed (what the train stage did before round 16) against the
+  engine's model taken (`HFBackend.take_model`) and the backward's copies packed only
+  (`packed_linear.pack` keeps a forward copy); every packed layer's output and input gradient
+  compared on the same rows.
+
 Each pair runs alternately, `--rounds` times; the table gives the median.
 
     .venv/bin/python bench/fixed_costs.py              # about 2 minutes on 2 cores
@@ -429,6 +438,43 @@ def save_costs(model_dir: Path, rounds: int) -> dict:
         "mb_linked": sum(model.state_dict()[k].numel() * model.state_dict()[k].element_size() for k in done["linked"]) / 1e6}
 
 
+def take_costs(model_dir: Path, rounds: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lidr import packed_linear
+    from lidr.backends.hf import HFBackend
+    from lidr.models import release_memory
+
+    times: dict[str, list[float]] = {"load": [], "take": []}
+    results = {}
+    for _ in range(rounds):
+        for name in ("load", "take"):
+            backend = HFBackend(model_dir, dtype="float32", device="cpu")  # as respond and translate leave it
+            t0 = time.perf_counter()
+            if name == "load":
+                backend.close()
+                model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).requires_grad_(False)
+            else:
+                model = backend.take_model()
+            packed = packed_linear.pack(model, skip=(model.get_output_embeddings(),))
+            times[name].append(time.perf_counter() - t0)
+            torch.manual_seed(0)
+            out = []
+            for layer in (m for m in model.modules() if "_lidr_packed" in vars(m)):
+                x = torch.randn(64, layer.in_features, requires_grad=True)
+                y = layer(x)
+                (grad,) = torch.autograd.grad(y.square().sum(), x)
+                out += [y.detach(), grad]
+            results[name] = (packed, out)
+            packed_linear.unpack(model)
+            del backend, model
+            release_memory()
+    same = results["load"][0] == results["take"][0] and all(
+        torch.equal(a, b) for a, b in zip(results["load"][1], results["take"][1]))
+    return {k: statistics.median(v) for k, v in times.items()} | {"same_outputs": same, "layers": results["take"][0]}
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)  # PEFT calls a renamed transformers method
@@ -460,6 +506,7 @@ def main(argv=None) -> None:
     setup = decoder_setup_costs(model, models.load_tokenizer(model_dir), args.rounds)
     del model
     save = save_costs(model_dir, args.rounds)
+    take = take_costs(model_dir, args.rounds)
     tracked = collect["tracked"]
 
     def compared(cost, before, before_s, lidr, lidr_s, digits=2, ratio_digits=1):
@@ -488,6 +535,8 @@ def main(argv=None) -> None:
                  setup["lazy"]),
         compared("trained model save", "save_pretrained, one file", save["whole"],
                  "save_model, embedding " + ("hard-linked" if save["hard_link"] else "copied"), save["linked"]),
+        compared("train stage's model", "engine closed, M_t loaded, packed", take["load"],
+                 "the engine's taken, backward packed", take["take"]),
     ]
     print(f"medians of {args.rounds} alternating rounds; {tracked} objects tracked by gc in this process")
     print(common.table(["cost", "before", "s", "lidr", "s", "ratio"], rows))
@@ -498,7 +547,8 @@ def main(argv=None) -> None:
           f"same states after a join and a step ({join['mb']:.0f} MB cache): {join['same_states']}; "
           f"same choices of the output layer packed at once or later ({setup['mb']:.0f} MB not packed until "
           f"needed): {setup['same_choices']}; same tensors saved whole or with {', '.join(save['linked_names']) or 'nothing'} "
-          f"({save['mb_linked']:.0f} MB) linked: {save['same_tensors']}")
+          f"({save['mb_linked']:.0f} MB) linked: {save['same_tensors']}; same outputs and input gradients of the "
+          f"{take['layers']} packed layers loaded or taken: {take['same_outputs']}")
     print(common.keyvals({
         "tokenizer_plain_s": round(tok["plain"], 3), "tokenizer_lidr_s": round(tok["lidr"], 3), "merge_peft_s": round(merge["peft"], 3),
         "merge_lidr_s": round(merge["lidr"], 3), "gc_collect_s": round(collect["plain"], 3),
@@ -514,7 +564,8 @@ def main(argv=None) -> None:
         "same_int8_bounds": int8["same_bounds"], "same_join_states": join["same_states"],
         "same_setup_choices": setup["same_choices"], "save_whole_s": round(save["whole"], 3),
         "save_linked_s": round(save["linked"], 3), "save_hard_link": save["hard_link"],
-        "same_saved_tensors": save["same_tensors"],
+        "same_saved_tensors": save["same_tensors"], "train_model_load_s": round(take["load"], 3),
+        "train_model_take_s": round(take["take"], 3), "same_taken_outputs": take["same_outputs"],
         "rounds": args.rounds,
     }))
 
