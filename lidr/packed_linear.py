@@ -42,13 +42,13 @@ class _PackedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, forward_w, backward_w, bias):
         ctx.backward_w = backward_w
-        return torch.ops.mkldnn._linear_pointwise(x, forward_w, bias, "none", [], "")
+        return linear(x, forward_w, bias)
 
     @staticmethod
     def backward(ctx, grad):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
-        return torch.ops.mkldnn._linear_pointwise(grad.contiguous(), ctx.backward_w, None, "none", [], ""), None, None, None
+        return linear(grad, ctx.backward_w), None, None, None
 
 
 def pack_weight(weight: torch.Tensor, rows_hint: int) -> torch.Tensor:
@@ -122,7 +122,7 @@ class _PackedLoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lora_a, lora_b, forward_w, backward_w, bias, scaling):
         xa = x @ lora_a.T  # [rows, r]
-        y = torch.ops.mkldnn._linear_pointwise(x, forward_w, bias, "none", [], "")
+        y = linear(x, forward_w, bias)
         y.addmm_(xa, lora_b.T, alpha=scaling)
         ctx.save_for_backward(x, lora_a, lora_b, xa)
         ctx.backward_w, ctx.scaling = backward_w, scaling
@@ -139,7 +139,7 @@ class _PackedLoraLinear(torch.autograd.Function):
             if need_a:
                 grad_a = grad_xa.T @ x
             if need_x:
-                grad_x = torch.ops.mkldnn._linear_pointwise(grad, ctx.backward_w, None, "none", [], "")
+                grad_x = linear(grad, ctx.backward_w)
                 grad_x.addmm_(grad_xa, lora_a)
         if need_b:
             grad_b = (grad.T @ xa).mul_(ctx.scaling)

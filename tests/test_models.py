@@ -237,8 +237,8 @@ def test_copied_tokenizer_files_are_known_without_hashing_them_again(fresh, tmp_
     assert copy_tokenizer(src, tmp_path / ".m1.tmp")
     (tmp_path / ".m1.tmp").rename(tmp_path / "m1")
     read = []
-    real = models._files_digest
-    monkeypatch.setattr(models, "_files_digest", lambda folder, names: read.extend(names) or real(folder, names))
+    real = models.file_digest
+    monkeypatch.setattr(models, "file_digest", lambda path: read.append(path.name) or real(path))
     assert load_tokenizer(tmp_path / "m1") is tok and read == []
     # another tokenizer written over the copy: hashed, and built anew
     word_tokenizer(words + ["dog"]).save_pretrained(tmp_path / "m1")

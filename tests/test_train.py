@@ -430,7 +430,7 @@ def test_train_lora_end_to_end(tiny, tmp_path, monkeypatch):
     assert saved(text).input_ids == tok(text).input_ids and saved.pad_token_id == tok.pad_token_id
 
 
-def test_training_takes_the_generation_engines_model(tiny, tmp_path):
+def test_training_takes_the_generation_engines_model(tiny, tmp_path, monkeypatch):
     """The train stage takes M_t from the generation engine (`HFBackend.take_model`: the layers the
     decoder packed for the forward stay packed) instead of loading its files again: the same steps
     and saved weights as from the files, and the model is freed when training returns."""
@@ -452,6 +452,12 @@ def test_training_takes_the_generation_engines_model(tiny, tmp_path):
     if packed:  # x86-64 with oneDNN: the decoder packed the body's layers for the forward
         assert sum("_lidr_packed" in vars(m) for m in held[0].modules()) > 0
     alive = weakref.ref(held[0])
+    from transformers import AutoModelForCausalLM
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was taken: nothing is loaded from the files")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_load)
     taken = train_dpo_nll(tiny, EXAMPLES, tmp_path / "b", cfg, seed=0, log_dir=tmp_path / "log-b",
                           take_model=held.pop)
     assert (loaded["model_from"], taken["model_from"]) == ("files", "memory")
@@ -462,6 +468,7 @@ def test_training_takes_the_generation_engines_model(tiny, tmp_path):
     for file in (tmp_path / "a").glob("*.safetensors"):
         assert file.read_bytes() == (tmp_path / "b" / file.name).read_bytes()
     assert alive() is None  # training held the only reference and let it go
+    monkeypatch.undo()
 
     with pytest.raises(ValueError, match="LoRA training in one process"):
         train_dpo_nll(tiny, EXAMPLES, tmp_path / "c", _cfg(lora=None), seed=0, log_dir=tmp_path / "log-c",

@@ -726,8 +726,8 @@ def train_dpo_nll(model_path: str | Path, examples: list[dict], out_dir: str | P
     generation engine's, `HFBackend.take_model`; its frozen layers may be packed for the forward),
     for LoRA training in one process (`launch.takes_model`): trained instead of loading the files
     again. Called where the files would be loaded, so that training holds the only reference (and
-    frees the model before it returns). In the demo this saved the load, the closing of the engine
-    and the forward's packing: about 0.6 s a train stage (bench/README.md, round 16).
+    frees the model before it returns). It saves the closing of the engine, the load and the
+    forward's packing: 0.75 s against 1.48 s for gemma-3-270m (bench/fixed_costs.py, round 16).
 
     Under `accelerate launch` every process calls this with the same arguments; each trains on
     its share of every global batch, and only the main process writes files."""
