@@ -20,11 +20,24 @@ $(STAMP): pyproject.toml
 
 # The tests also need pytest and llama-cpp-python's server (a real OpenAI-compatible
 # endpoint for the judge and the openai backend); it compiles from source once per
-# machine (about 10 minutes of CPU on 2 cores), so the demo does not wait for it.
+# venv (4-10 minutes of CPU on 2 cores), so the demo does not wait for it.
 setup-dev: $(DEV_STAMP)
 
+# llama.cpp's native build (-march=native) turns on its AMX kernels on CPUs that have AMX,
+# and on a KVM guest with AMX they crash the server at the first request (a fault at
+# `ldtilecfg` in ggml_backend_amx_mul_mat, seen 2026-12-03 on a Xeon with amx_int8). So it is
+# built for the CPU's vector extensions, AVX-512 where there is one, without AMX; and not from
+# pip's wheel cache, which may hold a native build.
+CPU_FLAGS := $(shell grep -m1 '^flags' /proc/cpuinfo 2>/dev/null)
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF \
+	$(if $(filter avx512f,$(CPU_FLAGS)),-DGGML_AVX512=ON) \
+	$(if $(filter avx512vbmi,$(CPU_FLAGS)),-DGGML_AVX512_VBMI=ON) \
+	$(if $(filter avx512_vnni,$(CPU_FLAGS)),-DGGML_AVX512_VNNI=ON) \
+	$(if $(filter avx512_bf16,$(CPU_FLAGS)),-DGGML_AVX512_BF16=ON) \
+	$(if $(filter avx_vnni,$(CPU_FLAGS)),-DGGML_AVX_VNNI=ON)
+
 $(DEV_STAMP): $(STAMP)
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	CMAKE_ARGS="$(strip $(LLAMA_CMAKE_ARGS))" $(BIN)/python -m pip install -q --no-cache-dir -e ".[dev]"
 	touch $(DEV_STAMP)
 
 # Evaluation data (MGSM, X-AlpacaEval) for the demo's built-in evaluation: the shared
