@@ -507,6 +507,22 @@ def test_train_full_finetuning_one_step_replaces_out_dir(tiny, tmp_path):
     assert not torch.equal(base.model.layers[0].mlp.up_proj.weight, trained.model.layers[0].mlp.up_proj.weight)
 
 
+def test_a_one_step_run_trains(tiny, tmp_path):
+    """Warm-up never takes a run's only step: transformers' schedule gives its first step lr 0,
+    so a one-step run (a small iteration: 2 pairs at batch 2) would save M_t unchanged."""
+    cfg = _cfg(learning_rate=1e-3, batch_size=4, warmup_ratio=0.1, lora=None)
+    summary = train_dpo_nll(tiny, EXAMPLES[:4], tmp_path / "model", cfg, seed=0, log_dir=tmp_path / "log")
+    assert summary["steps"] == 1 and summary["first_step"]["lr"] == pytest.approx(1e-3)
+    _, base = _load(tiny)
+    _, trained = _load(tmp_path / "model")
+    assert not torch.equal(base.model.layers[0].mlp.up_proj.weight, trained.model.layers[0].mlp.up_proj.weight)
+    # with more steps the warm-up is as before: ceil(10 % of 2) = 1 step at lr 0, then the cosine
+    cfg = _cfg(learning_rate=1e-3, batch_size=2, warmup_ratio=0.1, lora=None)
+    train_dpo_nll(tiny, EXAMPLES[:4], tmp_path / "model2", cfg, seed=0, log_dir=tmp_path / "log2")
+    lrs = [json.loads(x)["lr"] for x in (tmp_path / "log2/metrics.jsonl").read_text().splitlines()]
+    assert lrs == [0.0, pytest.approx(1e-3)]
+
+
 def test_bf16_lora_saves_bf16(tiny, tmp_path):
     cfg = _cfg(dtype="bfloat16", batch_size=4, learning_rate=1e-3, lora=LoraConfig(r=2, alpha=4), final_metrics=True)
     summary = train_dpo_nll(tiny, EXAMPLES[:4], tmp_path / "model", cfg, seed=0, log_dir=tmp_path / "log")

@@ -854,8 +854,10 @@ def train_dpo_nll(model_path: str | Path, examples: list[dict], out_dir: str | P
             collate_fn=lambda sl: collate(pairs, [i for i, _ in sl], pad_id, [w for _, w in sl])))
 
     total_steps = planned_steps(len(pairs), cfg.batch_size, accum, n_proc, cfg.epochs)
-    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),
-                              num_training_steps=total_steps)
+    # transformers' warm-up gives its first step lr 0 (as TRL's does): at least one step must
+    # come after it, or a run of one step would train nothing
+    warmup = min(math.ceil(cfg.warmup_ratio * total_steps), total_steps - 1)
+    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
     step, tokens, records, held = 0, 0, [], 0
     t_train = t_step = time.time()
