@@ -95,6 +95,25 @@ def save_model(model, out_dir: str | Path, *, source: str | Path | None = None,
     return done
 
 
+def stored_dtype(folder: str | Path) -> torch.dtype | None:
+    """The dtype of a safetensors model folder's floating-point weights, read from the files'
+    headers; None where they differ or the folder has no safetensors files."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    try:
+        files = set(_weight_map(folder).values())
+        found = set()
+        for file in files:
+            with safe_open(folder / file, "pt") as f:
+                found |= {f.get_slice(k).get_dtype() for k in f.keys()}
+    except (OSError, ValueError, KeyError):
+        return None
+    floating = {d for d in found if d.startswith(("F", "BF"))}  # not the integer buffers
+    by_name = {v: k for k, v in _DTYPES.items()}
+    return by_name.get(floating.pop()) if len(floating) == 1 else None
+
+
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     """One tensor under two names (tied weights): the same memory, shape and dtype."""
     return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.dtype == b.dtype
@@ -166,4 +185,4 @@ def _nbytes(path: Path) -> int:
     return path.stat().st_size - 8 - header
 
 
-__all__ = ["save_model", "vocabulary_matrices"]
+__all__ = ["save_model", "stored_dtype", "vocabulary_matrices"]

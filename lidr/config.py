@@ -184,7 +184,8 @@ class TrainingConfig(_Section):
         default_factory=LoraConfig, description="LoRA settings; null = full fine-tuning."
     )
     dtype: Literal["auto", "bfloat16", "float32"] = Field(
-        "auto", description="Weights dtype while training; auto = bfloat16 where supported."
+        "auto", description="Weights dtype while training; auto = bfloat16 where supported. The trained "
+        "model is saved in the dtype of the files it was trained from (LoRA deltas added to those weights)."
     )
     seed: int | None = Field(None, description="Shuffling seed; null = the run's seed.")
     num_processes: int = Field(

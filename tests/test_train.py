@@ -523,19 +523,57 @@ def test_a_one_step_run_trains(tiny, tmp_path):
     assert lrs == [0.0, pytest.approx(1e-3)]
 
 
-def test_bf16_lora_saves_bf16(tiny, tmp_path):
-    cfg = _cfg(dtype="bfloat16", batch_size=4, learning_rate=1e-3, lora=LoraConfig(r=2, alpha=4), final_metrics=True)
-    summary = train_dpo_nll(tiny, EXAMPLES[:4], tmp_path / "model", cfg, seed=0, log_dir=tmp_path / "log")
-    assert summary["dtype"] == "bfloat16" and math.isfinite(summary["final"]["loss"])
-    from safetensors import safe_open
+def test_bf16_lora_merges_into_the_stored_fp32_weights(tiny, tmp_path, monkeypatch):
+    """LoRA trained over a bf16 copy of fp32 files: M_{t+1} is saved in fp32, each weight the
+    file's plus the learned delta B A (alpha / r) added in fp32 (merged into the bf16 copy
+    instead, a small delta mostly rounds away), and the embedding, untouched, is linked from the
+    base model's file."""
+    import os
 
-    dtypes = set()
-    for file in (tmp_path / "model").glob("*.safetensors"):  # merged, saved in the training dtype
-        with safe_open(file, "pt") as f:
-            dtypes |= {f.get_tensor(k).dtype for k in f.keys()}
-    assert dtypes == {torch.bfloat16}
-    # the base model's embedding is fp32: the bf16 one is a new file
-    assert summary["save_linked"] == [] and summary["save_written"] == ["model.embed_tokens.weight"]
+    from safetensors.torch import load_file
+
+    from lidr.checkpoint import save_model
+
+    _, m0 = _load(tiny)
+    base = tmp_path / "m0"  # M0 as lidr saves models: the embedding in a file of its own
+    save_model(m0, base)
+    for f in tiny.glob("tokenizer*"):
+        (base / f.name).write_bytes(f.read_bytes())
+    factors = {}
+    merge = train_mod.merge_lora_into_stored
+
+    def recorded(model, *a):
+        for name, m in train_mod._lora_layers(model):
+            factors[name.removeprefix("base_model.model.") + ".weight"] = (
+                m.lora_A["default"].weight.detach().clone(), m.lora_B["default"].weight.detach().clone(),
+                m.scaling["default"])
+        return merge(model, *a)
+
+    monkeypatch.setattr(train_mod, "merge_lora_into_stored", recorded)
+    cfg = _cfg(dtype="bfloat16", batch_size=4, learning_rate=1e-3, lora=LoraConfig(r=2, alpha=4), final_metrics=True)
+    summary = train_dpo_nll(base, EXAMPLES[:4], tmp_path / "model", cfg, seed=0, log_dir=tmp_path / "log")
+    assert summary["dtype"] == "bfloat16" and summary["saved_dtype"] == "float32"
+    assert math.isfinite(summary["final"]["loss"])
+    assert summary["save_linked"] == ["model.embed_tokens.weight"] and summary["save_written"] == []
+    assert os.path.samefile(tmp_path / "model" / "model-embed_tokens.safetensors", base / "model-embed_tokens.safetensors")
+
+    before = load_file(base / "model-body.safetensors")
+    after = load_file(tmp_path / "model" / "model-body.safetensors")
+    assert {v.dtype for v in after.values()} == {torch.float32} and after.keys() == before.keys()
+    assert factors and set(factors) < set(after)
+    for name, w in after.items():
+        if name not in factors:
+            assert torch.equal(w, before[name]), name  # not trained: the file's bits
+            continue
+        a, b, scale = factors[name]
+        delta = (b @ a) * scale
+        assert delta.abs().max() > 0
+        assert torch.allclose(w, before[name] + delta, rtol=0, atol=1e-6), name
+    # what the bf16 merge would have saved is much further off
+    name = next(iter(factors))
+    a, b, scale = factors[name]
+    bf16 = (before[name].bfloat16() + ((b @ a) * scale).bfloat16()).float()
+    assert not torch.allclose(bf16, before[name] + (b @ a) * scale, rtol=0, atol=1e-6)
 
 
 def test_truncate_rules():
