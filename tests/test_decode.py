@@ -803,3 +803,21 @@ def test_int8_copy_is_reused_for_the_same_output_layer_only():
         assert Int8Head.of(w, h) is not first  # only the last copy is kept
     finally:
         Int8Head.forget()
+
+
+def test_bf16_model_packs_its_layers_on_a_cpu_with_fast_bf16(tmp_path):
+    """A bf16 model's body is packed for oneDNN where bf16 is fast, with the same answers as the
+    plain layers give (the packed products are the same bits: tests/test_packed_linear.py)."""
+    from lidr import packed_linear
+    from lidr.models import cpu_has_fast_bf16
+
+    if not (packed_linear.available() and cpu_has_fast_bf16()):
+        pytest.skip("bf16 layers are packed only on an x86-64 CPU with fast bf16")
+    path = _save_tiny(tmp_path, "llama")
+    answers = {}
+    for packed in (True, False):
+        b = HFBackend(path, dtype="bfloat16", device="cpu", packed_weights=packed)
+        assert b.decoder.packed_layers == (7 * 2 if packed else 0)  # the output layer is not packed in bf16
+        answers[packed] = [g.text for g in b.generate(PROMPTS, max_new_tokens=10, repetition_penalty=1.2)]
+        b.close()
+    assert answers[True] == answers[False]

@@ -182,3 +182,22 @@ def test_lora_with_dropout_keeps_peft_forward():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for a, b in zip(grads, want_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_layers_pack_only_when_asked_and_give_the_same_bits():
+    """Generation packs bf16 layers too on a CPU with fast bf16 (AMX / AVX512-BF16), where oneDNN's
+    bf16 product of a packed weight equals the plain one bit for bit (fp32 sums, one rounding)."""
+    from lidr.models import cpu_has_fast_bf16
+
+    if not cpu_has_fast_bf16():
+        pytest.skip("bf16 layers are packed only on a CPU with fast bf16")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(640, 2048), nn.Linear(2048, 640, bias=False)).bfloat16().requires_grad_(False)
+    assert packed_linear.pack(model) == 0  # fp32 only by default (training)
+    plain = copy.deepcopy(model)
+    assert packed_linear.pack(model, rows_hint=16, backward=False, dtypes=(torch.float32, torch.bfloat16)) == 2
+    for rows in (1, 2, 7, 16, 31, 64, 200):
+        x = torch.randn(rows, 640).bfloat16()
+        assert torch.equal(model(x), plain(x)), rows
+    packed_linear.unpack(model)
+    assert not any("_lidr_packed" in vars(m) for m in model.modules())

@@ -305,15 +305,19 @@ class ContinuousDecoder:
 
     def _pack(self) -> int:
         """Reorder the frozen fp32 CPU linear weights of the body for oneDNN once
-        (lidr/packed_linear.py), where the copies fit in the memory free now. Returns how many
-        layers were packed."""
+        (lidr/packed_linear.py), where the copies fit in the memory free now; bf16 ones too on a
+        CPU with fast bf16 (AMX, AVX512-BF16), where a bf16 model runs. Returns how many layers
+        were packed."""
+        from lidr.models import cpu_has_fast_bf16
+
+        dtypes = (torch.float32, torch.bfloat16) if cpu_has_fast_bf16() else (torch.float32,)
         head = self.model.get_output_embeddings()
-        layers = [m for m in self.model.modules() if packed_linear.eligible(m) and m is not head]
+        layers = [m for m in self.model.modules() if packed_linear.eligible(m, dtypes) and m is not head]
         if self.device.type != "cpu" or not layers or not packed_linear.available():
             return 0
-        if not packed_linear.fits(sum(m.weight.numel() * 4 for m in layers)):
+        if not packed_linear.fits(sum(m.weight.numel() * m.weight.element_size() for m in layers)):
             return 0
-        return packed_linear.pack(self.model, rows_hint=self.ROWS_HINT, skip=(head,), backward=False)
+        return packed_linear.pack(self.model, rows_hint=self.ROWS_HINT, skip=(head,), backward=False, dtypes=dtypes)
 
     def _packed_head(self) -> torch.Tensor | None:
         """The output layer's weight in oneDNN's layout, reordered at the first call where the
