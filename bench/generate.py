@@ -6,11 +6,14 @@ in order, the four languages interleaved), formatted as lidr formats them
 strings (`fmt.response_stops(lang)`), repetition penalty 1.1 (the demo's), up to
 --max-new-tokens new tokens.
 
-- lidr: `HFBackend` (fp32 here: the CPU has no fast bf16) + `run_batched`: continuous
-  batching with at most --batch-size rows (default: the config default, generation.batch_size),
-  linear layers through oneDNN with prepacked weights (generation.cpu_packed_weights; the
-  layers are unpacked again before hf-batch1 runs on the same model object).
-- hf-batch1: the same fp32 model, `model.generate` one prompt at a time, with the same
+- lidr: `HFBackend` + `run_batched` in the dtype a run gets (--lidr-dtype, default `auto`:
+  bf16 on a CPU with fast bf16 (AVX512-BF16 or AMX), else fp32): continuous batching with at
+  most --batch-size rows (default: the config default, generation.batch_size); in fp32, linear
+  layers through oneDNN with prepacked weights (generation.cpu_packed_weights) and the int8 /
+  fp16 screens of the output layer.
+- hf-batch1: the model in --dtype (default fp32, the issue's baseline; the same model object
+  as lidr's when the dtypes match, its packed layers unpacked first), `model.generate` one
+  prompt at a time, with the same
   stop strings (checked by a plain StoppingCriteria on the last tokens; transformers'
   own `stop_strings` would add ~40 s of vocabulary preprocessing per stop set).
   Runs on a subset (--n-batch1 prompts spread over the n) and is normalised per token.
@@ -69,7 +72,9 @@ def parse_args(argv=None):
     p.add_argument("--repetition-penalty", type=float, default=1.1)
     p.add_argument("--batch-size", type=int, default=GenerationConfig().batch_size,
                    help="lidr's generation batch (default: the config default)")
-    p.add_argument("--dtype", default="float32", help="lidr / hf-batch1 weights dtype (default float32)")
+    p.add_argument("--dtype", default="float32", help="hf-batch1's weights dtype (default float32)")
+    p.add_argument("--lidr-dtype", default="auto",
+                   help="lidr's weights dtype (default auto, as in a run: bf16 on a CPU with fast bf16)")
     p.add_argument("--model", default="gemma-3-270m", help="lidr model spec (default: the embedded model)")
     p.add_argument("--slots", type=int, default=8,
                    help="llama.cpp parallel sequences (and requests in flight to the server)")
@@ -231,7 +236,7 @@ def main(argv=None) -> None:
     import torch
 
     from lidr.backends.hf import HFBackend
-    from lidr.models import resolve_model
+    from lidr.models import load_model, pick_dtype, resolve_model
     from lidr.templates import choose_format
 
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
@@ -251,8 +256,10 @@ def main(argv=None) -> None:
           f"bf16 {bf16:.1f} GFLOP/s; fbgemm int8 {int8_rate:.1f} GOP/s; memory read {bw:.1f} GB/s")
 
     path = resolve_model(args.model)
+    lidr_dtype, b1_dtype = pick_dtype(args.lidr_dtype, "cpu"), pick_dtype(args.dtype, "cpu")
+    lidr_rate = bf16 if lidr_dtype == torch.bfloat16 else fp32  # the matmul rate of lidr's dtype
     t0 = time.perf_counter()
-    backend = HFBackend(path, dtype=args.dtype)
+    backend = HFBackend(path, dtype=str(lidr_dtype).removeprefix("torch."))
     load_seconds = time.perf_counter() - t0
     tok, model = backend.tokenizer, backend.model
     params = sum(p.numel() for p in model.parameters())  # tied embedding / output layer once
@@ -280,7 +287,7 @@ def main(argv=None) -> None:
         print(f"running lidr (batch {args.batch_size}) ... load {common.loadavg()}", flush=True)
         texts, secs, lidr_work = run_lidr(backend, items, args.batch_size, args.max_new_tokens, args.repetition_penalty)
         int8 = backend.decoder.int8_head
-        results["lidr"] = (texts, secs, f"HFBackend+run_batched, batch {args.batch_size}, {args.dtype}, "
+        results["lidr"] = (texts, secs, f"HFBackend+run_batched, batch {args.batch_size}, {lidr_dtype}, "
                            f"{backend.decoder.packed_layers} layers packed for oneDNN"
                            + (", int8 screen of the output layer" if int8 else ""))
         if int8:  # built in the warm-up call's first step of several rows: not counted, as model loading
@@ -289,11 +296,17 @@ def main(argv=None) -> None:
     if "hf-batch1" not in skip:
         from lidr import packed_linear
 
-        packed_linear.unpack(model)  # lidr's decoder packed the layers for oneDNN: plain transformers again
-        print(f"running hf-batch1 ({len(sub)} prompts) ... load {common.loadavg()}", flush=True)
-        texts, secs = run_hf_batch1(model, tok, backend.eos_ids, sub, args.max_new_tokens, args.repetition_penalty)
-        results["hf-batch1"] = (texts, secs, f"model.generate batch 1, {args.dtype}")
-    backend.close()
+        eos_ids = backend.eos_ids
+        if b1_dtype == lidr_dtype:
+            packed_linear.unpack(model)  # lidr's decoder packed the layers for oneDNN: plain transformers again
+        else:  # lidr ran in another dtype: the baseline gets its own model
+            backend.close()
+            model = load_model(path, dtype=args.dtype, device="cpu").requires_grad_(False)
+        print(f"running hf-batch1 ({len(sub)} prompts, {b1_dtype}) ... load {common.loadavg()}", flush=True)
+        texts, secs = run_hf_batch1(model, tok, eos_ids, sub, args.max_new_tokens, args.repetition_penalty)
+        results["hf-batch1"] = (texts, secs, f"model.generate batch 1, {b1_dtype}")
+    if hasattr(backend, "model"):
+        backend.close()
     del model
     if not llama_available():
         print("llama.cpp: llama-cpp-python is not installed: skipped")
@@ -320,6 +333,8 @@ def main(argv=None) -> None:
     # The machine's limit is the better of the two measurements: a low one was disturbed, and
     # dividing by it would make every share and the roofline look closer than they are.
     peak = max(fp32, fp32_end)
+    if lidr_dtype != torch.bfloat16:
+        lidr_rate = peak
 
     # ---- table ----
     rows, figures = [], {}
@@ -329,13 +344,16 @@ def main(argv=None) -> None:
         work = processed * body_flops + gen * head_flops
         n = len(texts)
         f = {"answers": n, "gen_tokens": gen, "seconds": secs, "tok_s": gen / secs, "s_per_100": 100 * secs / n,
-             "tokens_per_answer": gen / n, "limit_share": work / secs / (peak * 1e9)}
+             "tokens_per_answer": gen / n,
+             "limit_share": work / secs / ((lidr_rate if name == "lidr" else peak) * 1e9)}
         figures[name] = f
         rows.append([name, n, gen, round(f["tokens_per_answer"], 1), round(secs, 1), round(f["tok_s"], 1),
                      round(f["s_per_100"], 1), f"{100 * f['limit_share']:.1f}%", note])
     print()
     print(common.table(["engine", "answers", "gen tok", "tok/answer", "seconds", "tok/s", "s/100 answers",
-                        "% fp32 matmul", "how"], rows))
+                        "% matmul peak", "how"], rows))
+    print(f"(% matmul peak: the arithmetic the work needs per second, over the measured matmul rate of the "
+          f"engine's dtype: {lidr_dtype} for lidr, fp32 for the others)")
 
     # Same work? Identical greedy answers between engines on the prompts both ran.
     if "lidr" in results:
@@ -343,7 +361,8 @@ def main(argv=None) -> None:
             if other in results:
                 a, b = results["lidr"][0], results[other][0]
                 same = sum(a[k].strip() == b[k].strip() for k in b if k in a)
-                print(f"identical answers lidr vs {other}: {same}/{len(b)}")
+                why = f" (lidr in {lidr_dtype}, batch 1 in {b1_dtype})" if other == "hf-batch1" and b1_dtype != lidr_dtype else ""
+                print(f"identical answers lidr vs {other}: {same}/{len(b)}{why}")
 
     shown = [k for k, _, _ in sub[: args.show]]
     for key in shown:
@@ -362,15 +381,17 @@ def main(argv=None) -> None:
     roofline_s = roofline_b1 = nan
     if lidr:
         head_params = head_flops // 2
-        head_rate = {1: int8_rate if int8_rate == int8_rate else peak, 2: peak, 4: peak}
+        size = torch.finfo(lidr_dtype).bits // 8  # bytes per weight of lidr's dtype
+        head_rate = {1: int8_rate if int8_rate == int8_rate else lidr_rate, 2: lidr_rate, 4: lidr_rate}
 
         def at_roofline(t, h, b):
-            read = (4 * (params - head_params) + b * head_params) / (bw * 1e9)
-            compute = t * body_flops / (peak * 1e9) + h * head_flops / (head_rate[b] * 1e9)
+            b = min(b, size)  # a forward without a screen reads the output layer in lidr's dtype
+            read = (size * (params - head_params) + b * head_params) / (bw * 1e9)
+            compute = t * body_flops / (lidr_rate * 1e9) + h * head_flops / (head_rate[b] * 1e9)
             return max(read, compute)
 
         roofline_s = sum(at_roofline(*w) for w in lidr_work)
-        print(f"lidr's {len(lidr_work)} forwards at the roofline ({bw:.1f} GB/s, {peak:.0f} GFLOP/s): "
+        print(f"lidr's {len(lidr_work)} forwards at the roofline ({bw:.1f} GB/s, {lidr_rate:.0f} GFLOP/s): "
               f"{roofline_s:.1f} s against {lidr['seconds']:.1f} s measured ({100 * roofline_s / lidr['seconds']:.0f} %)")
         if b1:
             roofline_b1 = (lidr["gen_tokens"] / roofline_s) / b1["tok_s"]
@@ -395,6 +416,7 @@ def main(argv=None) -> None:
         "hf_batch1_limit_share": get(b1, "limit_share"), "lidr_roofline_s": roofline_s,
         "roofline_speedup_vs_hf_batch1": roofline_b1, "int8_gops": int8_rate,
         "fp32_gflops": fp32, "fp32_gflops_end": fp32_end, "bf16_gflops": bf16, "gflop_per_token": flops_per_token / 1e9, "n": args.n,
+        "lidr_dtype": str(lidr_dtype).removeprefix("torch."),
     }))
 
 

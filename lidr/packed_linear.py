@@ -87,8 +87,10 @@ def pack(model: nn.Module, rows_hint: int = 128, skip: tuple[nn.Module, ...] = (
     """Run every frozen fp32 CPU `nn.Linear` of model (but those in `skip`, e.g. an output layer
     computed elsewhere) through oneDNN with prepacked weights. Returns how many were packed.
     `dtypes`: the weight dtypes packed (bf16 too for generation on a CPU with AMX / AVX512-BF16,
-    where a bf16 product of a packed weight was measured 1.4-1.9x faster, bit for bit the same:
-    bench/README.md, round 17; training packs fp32 only).
+    where a bf16 product of a packed weight was measured 1.4-1.9x faster at 1-256 rows, with the
+    plain product's bits; at 512-1000 rows with 1024-2048 inputs (a prefill) some outputs
+    differ in the last bf16 bit, as two bf16 kernels may: bench/README.md, round 17; training
+    packs fp32 only).
     Each keeps two packed copies (the forward's and the backward's layout); with
     `backward=False` only the forward's, and a call that needs a gradient runs the plain layer.
     For gemma-3-270m's 126 layers (100 M parameters, 765 MB as two fp32 copies) RSS rose by

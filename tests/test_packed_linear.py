@@ -186,7 +186,7 @@ def test_lora_with_dropout_keeps_peft_forward():
 
 def test_bf16_layers_pack_only_when_asked_and_give_the_same_bits():
     """Generation packs bf16 layers too on a CPU with fast bf16 (AMX / AVX512-BF16), where oneDNN's
-    bf16 product of a packed weight equals the plain one bit for bit (fp32 sums, one rounding)."""
+    bf16 product of a packed weight equals the plain one bit for bit at decoding steps' rows."""
     from lidr.models import cpu_has_fast_bf16
 
     if not cpu_has_fast_bf16():
