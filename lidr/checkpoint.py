@@ -25,8 +25,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 
@@ -34,6 +35,7 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 BODY = "model-body.safetensors"  # everything but the vocabulary matrices, when it fits one file
 _DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
+_TORCH = {v: k for k, v in _DTYPES.items()}
 
 
 def vocabulary_matrices(model, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -92,6 +94,81 @@ def save_model(model, out_dir: str | Path, *, source: str | Path | None = None,
     total = sum(_nbytes(out_dir / f) for f in set(weight_map.values()))
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (out_dir / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return done
+
+
+class Delta(NamedTuple):
+    """A change to one stored tensor, computed when `save_with_deltas` writes that tensor: one
+    at a time, so that the deltas of a whole model (400 MB for gemma-3-270m's LoRA layers) never
+    sit in memory together."""
+    shape: tuple[int, ...]
+    compute: Callable[[], torch.Tensor]
+
+
+def save_with_deltas(source: str | Path, out_dir: str | Path,
+                     deltas: dict[str, torch.Tensor | Delta]) -> dict[str, list[str]]:
+    """The safetensors model folder `source` again in `out_dir`, with `deltas[name]` added to those
+    tensors in the dtype each is stored in: a LoRA merge into the weights as stored, without
+    loading the model. A file that holds no changed tensor is linked (lidr's embedding file);
+    the others are written with the same header and layout, each tensor read from the
+    memory-mapped source, the changed ones as `stored + delta`. config.json and
+    generation_config.json are copied. Returns the tensor names in linked and in written files.
+    KeyError (before anything is written) for a delta whose tensor the folder does not hold or
+    whose shape differs."""
+    import numpy as np
+    from safetensors import safe_open
+
+    source, out_dir = Path(source), Path(out_dir)
+    weight_map = _weight_map(source)
+    names_in: dict[str, list[str]] = {}
+    for name, file in weight_map.items():
+        names_in.setdefault(file, []).append(name)
+    for name, delta in deltas.items():
+        if name not in weight_map:
+            raise KeyError(f"{source}: no tensor {name}")
+        with safe_open(source / weight_map[name], "pt") as f:
+            if list(f.get_slice(name).get_shape()) != list(delta.shape):
+                raise KeyError(f"{source}: {name} is {f.get_slice(name).get_shape()}, its delta {list(delta.shape)}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    done: dict[str, list[str]] = {"linked": [], "written": []}
+    for file, names in sorted(names_in.items()):
+        if not any(n in deltas for n in names):
+            _link_or_copy(source / file, out_dir / file)
+            done["linked"] += sorted(names)
+            continue
+        with (source / file).open("rb") as src:
+            size = src.read(8)
+            raw_header = src.read(int.from_bytes(size, "little"))
+        header = json.loads(raw_header)
+        data = np.memmap(source / file, dtype=np.uint8, mode="r", offset=8 + len(raw_header))
+        entries = sorted((v["data_offsets"], k) for k, v in header.items() if k != "__metadata__")
+        # each merged tensor goes through one buffer, which stays in cache and needs no new pages
+        buffer = torch.empty(max((end - start for (start, end), k in entries if k in deltas), default=0),
+                             dtype=torch.uint8)
+        with (out_dir / file).open("wb") as out, warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # frombuffer: torch warns the source is read-only
+            out.write(size + raw_header)  # the same tensors at the same offsets
+            for (start, end), name in entries:
+                raw = data[start:end]
+                if name in deltas:
+                    stored = torch.frombuffer(raw, dtype=_TORCH[header[name]["dtype"]]).view(deltas[name].shape)
+                    delta = deltas[name] if isinstance(deltas[name], torch.Tensor) else deltas[name].compute()
+                    merged = buffer[:end - start].view(stored.dtype).view(stored.shape)
+                    if delta.dtype == stored.dtype:
+                        torch.add(stored, delta, out=merged)
+                    else:  # in the wider dtype, rounded once to the stored one
+                        wide = torch.promote_types(stored.dtype, delta.dtype)
+                        merged.copy_(stored.to(wide) + delta.to(wide))
+                    out.write(memoryview(buffer[:end - start].numpy()))
+                else:
+                    out.write(memoryview(raw))
+        del data
+        done["written"] += sorted(names)
+    for extra in ("config.json", "generation_config.json"):
+        if (source / extra).is_file():
+            shutil.copyfile(source / extra, out_dir / extra)
+    if (source / INDEX).is_file():
+        shutil.copyfile(source / INDEX, out_dir / INDEX)
     return done
 
 
@@ -185,4 +262,4 @@ def _nbytes(path: Path) -> int:
     return path.stat().st_size - 8 - header
 
 
-__all__ = ["save_model", "stored_dtype", "vocabulary_matrices"]
+__all__ = ["Delta", "save_model", "save_with_deltas", "stored_dtype", "vocabulary_matrices"]

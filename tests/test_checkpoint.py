@@ -166,3 +166,35 @@ def test_across_file_systems_the_matrix_is_copied(tiny, tmp_path):
         assert not os.path.samefile(out, src / "model-embed_tokens.safetensors")
         assert out.read_bytes() == (src / "model-embed_tokens.safetensors").read_bytes()
     assert torch.equal(_state(tmp_path / "m")[EMBED], model.state_dict()[EMBED])
+
+
+def test_save_with_deltas_adds_in_the_stored_dtype_and_links_the_rest(tiny, tmp_path):
+    """A folder's files again with deltas added to named tensors: rounded once to the dtype each
+    is stored in, the other tensors' bits kept, files without a delta linked, and a delta the
+    folder has no tensor (or shape) for refused before anything is written."""
+    from lidr.checkpoint import save_with_deltas
+
+    src = tmp_path / "src"
+    save_model(_load(tiny).bfloat16(), src)  # bf16 files, the embedding in a file of its own
+    up, down = "model.layers.0.mlp.up_proj.weight", "model.layers.1.mlp.down_proj.weight"
+    from safetensors.torch import load_file
+
+    files = lambda folder: {k: v for f in folder.glob("*.safetensors") for k, v in load_file(f).items()}  # noqa: E731
+    before = files(src)
+    deltas = {up: torch.randn(before[up].shape) * 1e-3, down: torch.full(before[down].shape, 1e-5)}
+    done = save_with_deltas(src, tmp_path / "out", deltas)
+    assert done["linked"] == [EMBED] and up in done["written"]
+    assert os.path.samefile(tmp_path / "out" / "model-embed_tokens.safetensors", src / "model-embed_tokens.safetensors")
+    after = files(tmp_path / "out")
+    assert after.keys() == before.keys()
+    for name, w in after.items():
+        want = (before[name].float() + deltas[name]).bfloat16() if name in deltas else before[name]
+        assert w.dtype == torch.bfloat16 and torch.equal(w, want), name
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype="auto")
+    assert loaded.dtype == torch.bfloat16 and torch.equal(loaded.model.layers[0].mlp.up_proj.weight, after[up])
+    for bad in ({"model.layers.9.mlp.up_proj.weight": deltas[up]}, {up: deltas[up].T}):
+        with pytest.raises(KeyError):
+            save_with_deltas(src, tmp_path / "bad", bad)
+        assert not (tmp_path / "bad").exists()

@@ -540,16 +540,16 @@ def test_bf16_lora_merges_into_the_stored_fp32_weights(tiny, tmp_path, monkeypat
     for f in tiny.glob("tokenizer*"):
         (base / f.name).write_bytes(f.read_bytes())
     factors = {}
-    merge = train_mod.merge_lora_into_stored
+    deltas_of = train_mod._lora_deltas
 
     def recorded(model, *a):
         for name, m in train_mod._lora_layers(model):
             factors[name.removeprefix("base_model.model.") + ".weight"] = (
                 m.lora_A["default"].weight.detach().clone(), m.lora_B["default"].weight.detach().clone(),
                 m.scaling["default"])
-        return merge(model, *a)
+        return deltas_of(model, *a)
 
-    monkeypatch.setattr(train_mod, "merge_lora_into_stored", recorded)
+    monkeypatch.setattr(train_mod, "_lora_deltas", recorded)
     cfg = _cfg(dtype="bfloat16", batch_size=4, learning_rate=1e-3, lora=LoraConfig(r=2, alpha=4), final_metrics=True)
     summary = train_dpo_nll(base, EXAMPLES[:4], tmp_path / "model", cfg, seed=0, log_dir=tmp_path / "log")
     assert summary["dtype"] == "bfloat16" and summary["saved_dtype"] == "float32"

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import inspect
 import itertools
 import json
@@ -587,18 +588,16 @@ def _summarize(sums: torch.Tensor, nll_weight: float) -> dict[str, float]:
             "reward_accuracy": m["correct"]}
 
 
-def _save_atomically(lm, tokenizer, out_dir: Path, source: Path, as_loaded: list[torch.Tensor]) -> dict[str, list[str]]:
-    """Write to a sibling temp folder, then swap it in; an older out_dir goes only once the new one is whole.
-    The tokenizer is the one loaded from `source`, unchanged: its files are copied. The
-    vocabulary matrices among `as_loaded` are linked from `source` where it has them in a file
-    of their own (lidr/checkpoint.py). Returns the matrices linked and written."""
-    from lidr.checkpoint import save_model
+def _save_atomically(write: Callable[[Path], dict], tokenizer, out_dir: Path, source: Path) -> dict[str, list[str]]:
+    """`write(folder)` the model into a sibling temp folder, then swap it in; an older out_dir
+    goes only once the new one is whole. The tokenizer is the one loaded from `source`,
+    unchanged: its files are copied. Returns what `write` returns."""
     from lidr.models import copy_tokenizer
 
     tmp, old = out_dir.with_name(f".{out_dir.name}.tmp"), out_dir.with_name(f".{out_dir.name}.old")
     for p in (tmp, old):
         shutil.rmtree(p, ignore_errors=True)
-    files = save_model(lm, tmp, source=source, as_loaded=as_loaded)
+    files = write(tmp)
     if not copy_tokenizer(source, tmp):
         tokenizer.save_pretrained(tmp)
     if out_dir.exists():
@@ -645,7 +644,8 @@ def merge_lora(model):
 
 def merge_lora_into_stored(model, model_path: str | Path, stored: torch.dtype):
     """M_t as its files hold it (in `stored`, e.g. fp32), with the PEFT model's LoRA deltas added
-    in that dtype: for LoRA trained over a narrower copy of the base (bf16). Merged into the bf16
+    in that dtype: for LoRA trained over a narrower copy of the base (bf16), where
+    `checkpoint.save_with_deltas` (the usual way) does not apply. Merged into the bf16
     copy instead, most of a small delta rounds away: on the demo's first iteration the bf16
     merge kept a change whose cosine with the learned delta was 0.49 (median of the 126 layers;
     relative error 0.89), so M1 was not the model training had found, and each iteration's
@@ -668,6 +668,32 @@ def merge_lora_into_stored(model, model_path: str | Path, stored: torch.dtype):
                     merged += m.get_delta_weight(adapter).to(stored)
             target.weight = nn.Parameter(merged, requires_grad=False)
     return lm
+
+
+def _lora_deltas(model, model_path: str | Path, vocab: list[str]) -> dict[str, torch.Tensor] | None:
+    """Each plain LoRA layer's delta (fp32, as PEFT computes it) under its weight's name in the
+    files at model_path, for `checkpoint.save_with_deltas`; None where that does not apply: not
+    plain LoRA, no safetensors files, names the files do not hold, or a vocabulary matrix (names
+    `vocab`) not in a file of its own (then `save_model` puts it in one, for later saves to link)."""
+    from lidr.checkpoint import _weight_map
+
+    if not _plain_lora(model):
+        return None
+    stored = _weight_map(Path(model_path))
+    per_file = collections.Counter(stored.values())
+    if not vocab or not all(n in stored and per_file[stored[n]] == 1 for n in vocab):
+        return None
+    from lidr.checkpoint import Delta
+
+    @torch.no_grad()
+    def delta_of(m):
+        parts = [m.get_delta_weight(a) for a in m.active_adapters if a in m.lora_A]
+        return sum(parts[1:], parts[0])
+
+    deltas = {name.removeprefix("base_model.model.") + ".weight": Delta(tuple(m.get_base_layer().weight.shape),
+                                                                         functools.partial(delta_of, m))
+              for name, m in _lora_layers(model) if any(a in m.lora_A for a in m.active_adapters)}
+    return deltas if deltas and set(deltas) <= set(stored) else None
 
 
 def _lora_layers(model) -> list[tuple[str, nn.Module]]:
@@ -957,16 +983,25 @@ def train_dpo_nll(model_path: str | Path, examples: list[dict], out_dir: str | P
     # M_{t+1} keeps the dtype M_t's files hold (fp32 for the demo's model, bf16 for most
     # checkpoints): training in bf16 is a matter of compute, and a bf16 save would round away
     # most of an iteration's change to fp32 weights (merge_lora_into_stored)
-    from lidr.checkpoint import stored_dtype, vocabulary_matrices
+    from lidr.checkpoint import save_model, save_with_deltas, stored_dtype, vocabulary_matrices
 
     save_dtype = stored_dtype(model_path) or dtype
     if lm is not None:  # the main process
-        if cfg.lora is not None and save_dtype.itemsize > dtype.itemsize and not _is_sharded(acc) and _plain_lora(lm):
-            lm = merge_lora_into_stored(lm, model_path, save_dtype)
-            frozen_vocab = list(vocabulary_matrices(lm).values())  # as loaded from model_path
-        elif cfg.lora is not None:
-            lm = merge_lora(lm)
-        saved = _save_atomically(lm.to(save_dtype), tokenizer, out_dir, Path(model_path), frozen_vocab)
+        vocab = list(vocabulary_matrices(lm.get_base_model() if cfg.lora is not None else lm))
+        deltas = _lora_deltas(lm, model_path, vocab) if cfg.lora is not None and not _is_sharded(acc) else None
+        if deltas is not None:  # M_t's files with the deltas added: no merge in memory, no serialisation
+            files = _save_atomically(lambda tmp: save_with_deltas(model_path, tmp, deltas), tokenizer, out_dir,
+                                     Path(model_path))
+            saved = {k: [n for n in vocab if n in files[k]] for k in ("linked", "written")}
+        else:
+            if cfg.lora is not None and save_dtype.itemsize > dtype.itemsize and _plain_lora(lm):
+                lm = merge_lora_into_stored(lm, model_path, save_dtype)
+                frozen_vocab = list(vocabulary_matrices(lm).values())  # as loaded from model_path
+            elif cfg.lora is not None:
+                lm = merge_lora(lm)
+            lm = lm.to(save_dtype)
+            saved = _save_atomically(lambda tmp: save_model(lm, tmp, source=Path(model_path), as_loaded=frozen_vocab),
+                                     tokenizer, out_dir, Path(model_path))
     acc.wait_for_everyone()
     del lm, policy, optimizer, params, frozen_vocab  # the caller reloads from disk; free the memory now
     acc.free_memory()  # collects garbage (gc.collect) as well
