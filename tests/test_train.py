@@ -523,22 +523,28 @@ def test_a_one_step_run_trains(tiny, tmp_path):
     assert lrs == [0.0, pytest.approx(1e-3)]
 
 
-def test_bf16_lora_merges_into_the_stored_fp32_weights(tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("layout", ["lidr", "one file"])
+def test_bf16_lora_merges_into_the_stored_fp32_weights(tiny, tmp_path, monkeypatch, layout):
     """LoRA trained over a bf16 copy of fp32 files: M_{t+1} is saved in fp32, each weight the
     file's plus the learned delta B A (alpha / r) added in fp32 (merged into the bf16 copy
-    instead, a small delta mostly rounds away), and the embedding, untouched, is linked from the
-    base model's file."""
+    instead, a small delta mostly rounds away). From a folder in lidr's layout the files are
+    written again with the deltas (`save_with_deltas`) and the embedding, untouched, is linked;
+    from one model.safetensors, the base is loaded again in fp32 (`merge_lora_into_stored`) and
+    the embedding written to a file of its own."""
     import os
 
     from safetensors.torch import load_file
 
     from lidr.checkpoint import save_model
 
-    _, m0 = _load(tiny)
-    base = tmp_path / "m0"  # M0 as lidr saves models: the embedding in a file of its own
-    save_model(m0, base)
-    for f in tiny.glob("tokenizer*"):
-        (base / f.name).write_bytes(f.read_bytes())
+    if layout == "lidr":
+        _, m0 = _load(tiny)
+        base = tmp_path / "m0"  # M0 as lidr saves models: the embedding in a file of its own
+        save_model(m0, base)
+        for f in tiny.glob("tokenizer*"):
+            (base / f.name).write_bytes(f.read_bytes())
+    else:
+        base = tiny
     factors = {}
     deltas_of = train_mod._lora_deltas
 
@@ -554,10 +560,16 @@ def test_bf16_lora_merges_into_the_stored_fp32_weights(tiny, tmp_path, monkeypat
     summary = train_dpo_nll(base, EXAMPLES[:4], tmp_path / "model", cfg, seed=0, log_dir=tmp_path / "log")
     assert summary["dtype"] == "bfloat16" and summary["saved_dtype"] == "float32"
     assert math.isfinite(summary["final"]["loss"])
-    assert summary["save_linked"] == ["model.embed_tokens.weight"] and summary["save_written"] == []
-    assert os.path.samefile(tmp_path / "model" / "model-embed_tokens.safetensors", base / "model-embed_tokens.safetensors")
-
-    before = load_file(base / "model-body.safetensors")
+    embed = "model.embed_tokens.weight"
+    if layout == "lidr":
+        assert summary["save_linked"] == [embed] and summary["save_written"] == []
+        assert os.path.samefile(tmp_path / "model" / "model-embed_tokens.safetensors",
+                                base / "model-embed_tokens.safetensors")
+        before = load_file(base / "model-body.safetensors")
+    else:
+        assert summary["save_linked"] == [] and summary["save_written"] == [embed]
+        before = load_file(base / "model.safetensors")
+        assert torch.equal(load_file(tmp_path / "model" / "model-embed_tokens.safetensors")[embed], before.pop(embed))
     after = load_file(tmp_path / "model" / "model-body.safetensors")
     assert {v.dtype for v in after.values()} == {torch.float32} and after.keys() == before.keys()
     assert factors and set(factors) < set(after)
