@@ -113,8 +113,8 @@ def save_with_deltas(source: str | Path, out_dir: str | Path,
     the others are written with the same header and layout, each tensor read from the
     memory-mapped source, the changed ones as `stored + delta`. config.json and
     generation_config.json are copied. Returns the tensor names in linked and in written files.
-    KeyError (before anything is written) for a delta whose tensor the folder does not hold or
-    whose shape differs."""
+    KeyError (before anything is written) for a delta whose tensor the folder does not hold, or
+    holds in another shape or in a dtype other than fp32, bf16, fp16, fp64."""
     import numpy as np
     from safetensors import safe_open
 
@@ -127,8 +127,10 @@ def save_with_deltas(source: str | Path, out_dir: str | Path,
         if name not in weight_map:
             raise KeyError(f"{source}: no tensor {name}")
         with safe_open(source / weight_map[name], "pt") as f:
-            if list(f.get_slice(name).get_shape()) != list(delta.shape):
-                raise KeyError(f"{source}: {name} is {f.get_slice(name).get_shape()}, its delta {list(delta.shape)}")
+            stored = f.get_slice(name)
+            if list(stored.get_shape()) != list(delta.shape) or stored.get_dtype() not in _TORCH:
+                raise KeyError(f"{source}: {name} is {stored.get_dtype()} {stored.get_shape()}, "
+                               f"its delta {list(delta.shape)}")
     out_dir.mkdir(parents=True, exist_ok=True)
     done: dict[str, list[str]] = {"linked": [], "written": []}
     for file, names in sorted(names_in.items()):
