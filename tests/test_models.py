@@ -245,3 +245,20 @@ def test_copied_tokenizer_files_are_known_without_hashing_them_again(fresh, tmp_
     other = load_tokenizer(tmp_path / "m1")
     assert other is not tok and "tokenizer.json" in read
     assert other("dog").input_ids != tok("dog").input_ids
+
+
+def test_output_layer_gets_standard_strides_on_cpu(tiny_path):
+    """transformers hands the output layer the kept positions (`logits_to_keep=1`) as a strided
+    view, which torch multiplies through a copy of the whole weight (0.8 s for gemma-3-270m in
+    bf16); a model lidr loads on a CPU gives its output layer a copy of those rows instead, with
+    the same logits."""
+    model = models.load_model(tiny_path, dtype="bfloat16", device="cpu")
+    seen = []
+    model.get_output_embeddings().register_forward_pre_hook(lambda m, args: seen.append(args[0].stride()))
+    ids = torch.tensor([[1, 5, 6, 7], [1, 8, 9, 10]])
+    with torch.inference_mode():
+        last = model(input_ids=ids, logits_to_keep=1).logits[:, -1]
+        every = model(input_ids=ids).logits[:, -1]
+    hidden = model.config.get_text_config().hidden_size
+    assert seen[0] == (hidden, hidden, 1)  # [2, 1, hidden] in standard strides, not a view of [2, 4, hidden]
+    assert torch.equal(last, every)

@@ -288,10 +288,7 @@ class ContinuousDecoder:
         mask = torch.ones_like(ids)
         pos = torch.arange(ids.shape[1], device=self.device)[None]
         with torch.inference_mode():
-            # every position's logits, not logits_to_keep=1: the last position's hidden state is then
-            # a strided view, which sends a bf16 CPU product through a copy of the whole output
-            # layer (0.85 s against 0.03 s for gemma-3-270m; bench/README.md, round 17)
-            want = self.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1].float()
+            want = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits[:, -1].float()
             h = self.body(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state[:, -1]
             got = self._head(h)
         self._probe, self._probe_inputs = h, (ids, mask, pos)
