@@ -11,9 +11,8 @@ strings (`fmt.response_stops(lang)`), repetition penalty 1.1 (the demo's), up to
   most --batch-size rows (default: the config default, generation.batch_size); in fp32, linear
   layers through oneDNN with prepacked weights (generation.cpu_packed_weights) and the int8 /
   fp16 screens of the output layer.
-- hf-batch1: the model in --dtype (default fp32, the issue's baseline; the same model object
-  as lidr's when the dtypes match, its packed layers unpacked first), `model.generate` one
-  prompt at a time, with the same
+- hf-batch1: the model in --dtype (default fp32, the issue's baseline), loaded by plain
+  `from_pretrained` after lidr's engine is closed, `model.generate` one prompt at a time, with the same
   stop strings (checked by a plain StoppingCriteria on the last tokens; transformers'
   own `stop_strings` would add ~40 s of vocabulary preprocessing per stop set).
   Runs on a subset (--n-batch1 prompts spread over the n) and is normalised per token.
@@ -236,7 +235,7 @@ def main(argv=None) -> None:
     import torch
 
     from lidr.backends.hf import HFBackend
-    from lidr.models import load_model, pick_dtype, resolve_model
+    from lidr.models import pick_dtype, resolve_model
     from lidr.templates import choose_format
 
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
@@ -257,7 +256,6 @@ def main(argv=None) -> None:
 
     path = resolve_model(args.model)
     lidr_dtype, b1_dtype = pick_dtype(args.lidr_dtype, "cpu"), pick_dtype(args.dtype, "cpu")
-    lidr_rate = bf16 if lidr_dtype == torch.bfloat16 else fp32  # the matmul rate of lidr's dtype
     t0 = time.perf_counter()
     backend = HFBackend(path, dtype=str(lidr_dtype).removeprefix("torch."))
     load_seconds = time.perf_counter() - t0
@@ -293,21 +291,18 @@ def main(argv=None) -> None:
         if int8:  # built in the warm-up call's first step of several rows: not counted, as model loading
             print(f"lidr: int8 copy of the output layer built in {backend.decoder.int8_build_seconds:.2f} s "
                   f"(in the warm-up, not counted)")
+    eos_ids = backend.eos_ids
+    backend.close()
+    del model
     if "hf-batch1" not in skip:
-        from lidr import packed_linear
+        from transformers import AutoModelForCausalLM
 
-        eos_ids = backend.eos_ids
-        if b1_dtype == lidr_dtype:
-            packed_linear.unpack(model)  # lidr's decoder packed the layers for oneDNN: plain transformers again
-        else:  # lidr ran in another dtype: the baseline gets its own model
-            backend.close()
-            model = load_model(path, dtype=args.dtype, device="cpu").requires_grad_(False)
+        # plain transformers: a model of its own, without what lidr's loading and decoder add to theirs
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=b1_dtype).eval().requires_grad_(False)
         print(f"running hf-batch1 ({len(sub)} prompts, {b1_dtype}) ... load {common.loadavg()}", flush=True)
         texts, secs = run_hf_batch1(model, tok, eos_ids, sub, args.max_new_tokens, args.repetition_penalty)
         results["hf-batch1"] = (texts, secs, f"model.generate batch 1, {b1_dtype}")
-    if hasattr(backend, "model"):
-        backend.close()
-    del model
+        del model
     if not llama_available():
         print("llama.cpp: llama-cpp-python is not installed: skipped")
         skip |= {"llama.cpp", "llama.cpp-server"}
@@ -333,8 +328,7 @@ def main(argv=None) -> None:
     # The machine's limit is the better of the two measurements: a low one was disturbed, and
     # dividing by it would make every share and the roofline look closer than they are.
     peak = max(fp32, fp32_end)
-    if lidr_dtype != torch.bfloat16:
-        lidr_rate = peak
+    lidr_rate = bf16 if lidr_dtype == torch.bfloat16 else peak  # the matmul rate of lidr's dtype
 
     # ---- table ----
     rows, figures = [], {}

@@ -105,8 +105,7 @@ class Delta(NamedTuple):
     compute: Callable[[], torch.Tensor]
 
 
-def save_with_deltas(source: str | Path, out_dir: str | Path,
-                     deltas: dict[str, torch.Tensor | Delta]) -> dict[str, list[str]]:
+def save_with_deltas(source: str | Path, out_dir: str | Path, deltas: dict[str, Delta]) -> dict[str, list[str]]:
     """The safetensors model folder `source` again in `out_dir`, with `deltas[name]` added to those
     tensors in the dtype each is stored in: a LoRA merge into the weights as stored, without
     loading the model. A file that holds no changed tensor is linked (lidr's embedding file);
@@ -116,81 +115,69 @@ def save_with_deltas(source: str | Path, out_dir: str | Path,
     KeyError (before anything is written) for a delta whose tensor the folder does not hold, or
     holds in another shape or in a dtype other than fp32, bf16, fp16, fp64."""
     import numpy as np
-    from safetensors import safe_open
 
     source, out_dir = Path(source), Path(out_dir)
     weight_map = _weight_map(source)
-    names_in: dict[str, list[str]] = {}
-    for name, file in weight_map.items():
-        names_in.setdefault(file, []).append(name)
+    headers = {file: _header(source / file) for file in set(weight_map.values())}
     for name, delta in deltas.items():
-        if name not in weight_map:
-            raise KeyError(f"{source}: no tensor {name}")
-        with safe_open(source / weight_map[name], "pt") as f:
-            stored = f.get_slice(name)
-            if list(stored.get_shape()) != list(delta.shape) or stored.get_dtype() not in _TORCH:
-                raise KeyError(f"{source}: {name} is {stored.get_dtype()} {stored.get_shape()}, "
-                               f"its delta {list(delta.shape)}")
+        entry = headers[weight_map[name]][1].get(name) if name in weight_map else None
+        if entry is None or entry["shape"] != list(delta.shape) or entry["dtype"] not in _TORCH:
+            raise KeyError(f"{source}: {name} is {entry and (entry['dtype'], entry['shape'])}, "
+                           f"its delta {list(delta.shape)}")
     out_dir.mkdir(parents=True, exist_ok=True)
     done: dict[str, list[str]] = {"linked": [], "written": []}
-    for file, names in sorted(names_in.items()):
+    for file, (raw_header, header) in sorted(headers.items()):
+        names = sorted(k for k in header if k != "__metadata__")
         if not any(n in deltas for n in names):
             _link_or_copy(source / file, out_dir / file)
-            done["linked"] += sorted(names)
+            done["linked"] += names
             continue
-        with (source / file).open("rb") as src:
-            size = src.read(8)
-            raw_header = src.read(int.from_bytes(size, "little"))
-        header = json.loads(raw_header)
         data = np.memmap(source / file, dtype=np.uint8, mode="r", offset=8 + len(raw_header))
-        entries = sorted((v["data_offsets"], k) for k, v in header.items() if k != "__metadata__")
+        entries = sorted((header[k]["data_offsets"], k) for k in names)
         # each merged tensor goes through one buffer, which stays in cache and needs no new pages
-        buffer = torch.empty(max((end - start for (start, end), k in entries if k in deltas), default=0),
-                             dtype=torch.uint8)
+        buffer = torch.empty(max(end - start for (start, end), k in entries if k in deltas), dtype=torch.uint8)
         with (out_dir / file).open("wb") as out, warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # frombuffer: torch warns the source is read-only
-            out.write(size + raw_header)  # the same tensors at the same offsets
+            out.write(len(raw_header).to_bytes(8, "little") + raw_header)  # the same tensors at the same offsets
             for (start, end), name in entries:
-                raw = data[start:end]
-                if name in deltas:
-                    stored = torch.frombuffer(raw, dtype=_TORCH[header[name]["dtype"]]).view(deltas[name].shape)
-                    delta = deltas[name] if isinstance(deltas[name], torch.Tensor) else deltas[name].compute()
-                    merged = buffer[:end - start].view(stored.dtype).view(stored.shape)
-                    if delta.dtype == stored.dtype:
-                        torch.add(stored, delta, out=merged)
-                    else:  # in the wider dtype, rounded once to the stored one
-                        wide = torch.promote_types(stored.dtype, delta.dtype)
-                        merged.copy_(stored.to(wide) + delta.to(wide))
-                    out.write(memoryview(buffer[:end - start].numpy()))
-                else:
-                    out.write(memoryview(raw))
+                if name not in deltas:
+                    out.write(memoryview(data[start:end]))
+                    continue
+                stored = torch.frombuffer(data[start:end], dtype=_TORCH[header[name]["dtype"]]).view(deltas[name].shape)
+                delta = deltas[name].compute()
+                merged = buffer[:end - start].view(stored.dtype).view(stored.shape)
+                if delta.dtype == stored.dtype:
+                    torch.add(stored, delta, out=merged)
+                else:  # in the wider dtype, rounded once to the stored one
+                    wide = torch.promote_types(stored.dtype, delta.dtype)
+                    merged.copy_(stored.to(wide) + delta.to(wide))
+                out.write(memoryview(buffer[:end - start].numpy()))
         del data
-        done["written"] += sorted(names)
-    for extra in ("config.json", "generation_config.json"):
+        done["written"] += names
+    for extra in ("config.json", "generation_config.json", INDEX):
         if (source / extra).is_file():
             shutil.copyfile(source / extra, out_dir / extra)
-    if (source / INDEX).is_file():
-        shutil.copyfile(source / INDEX, out_dir / INDEX)
     return done
+
+
+def _header(path: Path) -> tuple[bytes, dict]:
+    """A safetensors file's header: its bytes and what they say."""
+    with path.open("rb") as f:
+        raw = f.read(int.from_bytes(f.read(8), "little"))
+    return raw, json.loads(raw)
 
 
 def stored_dtype(folder: str | Path) -> torch.dtype | None:
     """The dtype of a safetensors model folder's floating-point weights, read from the files'
     headers; None where they differ or the folder has no safetensors files."""
-    from safetensors import safe_open
-
     folder = Path(folder)
     try:
-        files = set(_weight_map(folder).values())
-        found = set()
-        for file in files:
-            with safe_open(folder / file, "pt") as f:
-                found |= {f.get_slice(k).get_dtype() for k in f.keys()}
+        found = {v["dtype"] for file in set(_weight_map(folder).values())
+                 for k, v in _header(folder / file)[1].items() if k != "__metadata__"}
     except (OSError, ValueError, KeyError):
         return None
     floating = {d for d in found if d.startswith(("F", "BF"))}  # not the integer buffers
-    by_name = {v: k for k, v in _DTYPES.items()}
-    return by_name.get(floating.pop()) if len(floating) == 1 else None
+    return _TORCH.get(floating.pop()) if len(floating) == 1 else None
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -172,7 +172,7 @@ def test_save_with_deltas_adds_in_the_stored_dtype_and_links_the_rest(tiny, tmp_
     """A folder's files again with deltas added to named tensors: rounded once to the dtype each
     is stored in, the other tensors' bits kept, files without a delta linked, and a delta the
     folder has no tensor (or shape) for refused before anything is written."""
-    from lidr.checkpoint import save_with_deltas
+    from lidr.checkpoint import Delta, save_with_deltas
 
     src = tmp_path / "src"
     save_model(_load(tiny).bfloat16(), src)  # bf16 files, the embedding in a file of its own
@@ -182,7 +182,7 @@ def test_save_with_deltas_adds_in_the_stored_dtype_and_links_the_rest(tiny, tmp_
     files = lambda folder: {k: v for f in folder.glob("*.safetensors") for k, v in load_file(f).items()}  # noqa: E731
     before = files(src)
     deltas = {up: torch.randn(before[up].shape) * 1e-3, down: torch.full(before[down].shape, 1e-5)}
-    done = save_with_deltas(src, tmp_path / "out", deltas)
+    done = save_with_deltas(src, tmp_path / "out", {k: Delta(tuple(d.shape), lambda d=d: d) for k, d in deltas.items()})
     assert done["linked"] == [EMBED] and up in done["written"]
     assert os.path.samefile(tmp_path / "out" / "model-embed_tokens.safetensors", src / "model-embed_tokens.safetensors")
     after = files(tmp_path / "out")
@@ -195,6 +195,7 @@ def test_save_with_deltas_adds_in_the_stored_dtype_and_links_the_rest(tiny, tmp_
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype="auto")
     assert loaded.dtype == torch.bfloat16 and torch.equal(loaded.model.layers[0].mlp.up_proj.weight, after[up])
     for bad in ({"model.layers.9.mlp.up_proj.weight": deltas[up]}, {up: deltas[up].T}):
+        bad = {k: Delta(tuple(d.shape), lambda d=d: d) for k, d in bad.items()}
         with pytest.raises(KeyError):
             save_with_deltas(src, tmp_path / "bad", bad)
         assert not (tmp_path / "bad").exists()

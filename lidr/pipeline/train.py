@@ -642,9 +642,9 @@ def merge_lora(model):
     return model.unload()
 
 
-def merge_lora_into_stored(model, model_path: str | Path, stored: torch.dtype):
-    """M_t as its files hold it (in `stored`, e.g. fp32), with the PEFT model's LoRA deltas added
-    in that dtype: for LoRA trained over a narrower copy of the base (bf16), where
+def merge_lora_into_stored(deltas: dict, model_path: str | Path, stored: torch.dtype):
+    """M_t as its files hold it (in `stored`, e.g. fp32), with the LoRA deltas (`_lora_deltas`)
+    added in that dtype: for LoRA trained over a narrower copy of the base (bf16), where
     `checkpoint.save_with_deltas` (the usual way) does not apply. Merged into the bf16
     copy instead, most of a small delta rounds away: on the demo's first iteration the bf16
     merge kept a change whose cosine with the learned delta was 0.49 (median of the 126 layers;
@@ -657,32 +657,16 @@ def merge_lora_into_stored(model, model_path: str | Path, stored: torch.dtype):
     with _plain_loading():
         lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=stored)
     lm.requires_grad_(False)
-    modules = dict(lm.named_modules())
-    prefix = "base_model.model."
-    with torch.no_grad():
-        for name, m in _lora_layers(model):
-            target = modules[name.removeprefix(prefix)]
-            merged = target.weight.clone()
-            for adapter in m.active_adapters:
-                if adapter in m.lora_A:
-                    merged += m.get_delta_weight(adapter).to(stored)
-            target.weight = nn.Parameter(merged, requires_grad=False)
+    for name, delta in deltas.items():
+        module, _, attr = name.rpartition(".")
+        target = lm.get_submodule(module)
+        setattr(target, attr, nn.Parameter(getattr(target, attr) + delta.compute().to(stored), requires_grad=False))
     return lm
 
 
-def _lora_deltas(model, model_path: str | Path, vocab: list[str]) -> dict[str, torch.Tensor] | None:
-    """Each plain LoRA layer's delta (fp32, as PEFT computes it) under its weight's name in the
-    files at model_path, for `checkpoint.save_with_deltas`; None where that does not apply: not
-    plain LoRA, no safetensors files, names the files do not hold, or a vocabulary matrix (names
-    `vocab`) not in a file of its own (then `save_model` puts it in one, for later saves to link)."""
-    from lidr.checkpoint import _weight_map
-
-    if not _plain_lora(model):
-        return None
-    stored = _weight_map(Path(model_path))
-    per_file = collections.Counter(stored.values())
-    if not vocab or not all(n in stored and per_file[stored[n]] == 1 for n in vocab):
-        return None
+def _lora_deltas(model) -> dict:
+    """Each LoRA layer's change to its base weight (fp32, as PEFT computes it), by the weight's
+    name in the base model, as `checkpoint.Delta`s: computed when asked, one at a time."""
     from lidr.checkpoint import Delta
 
     @torch.no_grad()
@@ -690,10 +674,21 @@ def _lora_deltas(model, model_path: str | Path, vocab: list[str]) -> dict[str, t
         parts = [m.get_delta_weight(a) for a in m.active_adapters if a in m.lora_A]
         return sum(parts[1:], parts[0])
 
-    deltas = {name.removeprefix("base_model.model.") + ".weight": Delta(tuple(m.get_base_layer().weight.shape),
-                                                                         functools.partial(delta_of, m))
-              for name, m in _lora_layers(model) if any(a in m.lora_A for a in m.active_adapters)}
-    return deltas if deltas and set(deltas) <= set(stored) else None
+    return {name.removeprefix("base_model.model.") + ".weight": Delta(tuple(m.get_base_layer().weight.shape),
+                                                                       functools.partial(delta_of, m))
+            for name, m in _lora_layers(model) if any(a in m.lora_A for a in m.active_adapters)}
+
+
+def _deltas_apply(model_path: str | Path, deltas: dict, vocab: list[str]) -> bool:
+    """Can `checkpoint.save_with_deltas` write M_{t+1} as M_t's files with `deltas` added? The
+    files must hold every changed weight, and each vocabulary matrix (`vocab`) in a file of its
+    own: else `save_model` puts it in one, for later saves to link."""
+    from lidr.checkpoint import _weight_map
+
+    stored = _weight_map(Path(model_path))
+    per_file = collections.Counter(stored.values())
+    return (bool(deltas) and set(deltas) <= set(stored) and bool(vocab)
+            and all(n in stored and per_file[stored[n]] == 1 for n in vocab))
 
 
 def _lora_layers(model) -> list[tuple[str, nn.Module]]:
@@ -987,15 +982,16 @@ def train_dpo_nll(model_path: str | Path, examples: list[dict], out_dir: str | P
 
     save_dtype = stored_dtype(model_path) or dtype
     if lm is not None:  # the main process
-        vocab = list(vocabulary_matrices(lm.get_base_model() if cfg.lora is not None else lm))
-        deltas = _lora_deltas(lm, model_path, vocab) if cfg.lora is not None and not _is_sharded(acc) else None
-        if deltas is not None:  # M_t's files with the deltas added: no merge in memory, no serialisation
+        plain = cfg.lora is not None and _plain_lora(lm)  # LoRA whose deltas are all there is to add
+        vocab = list(vocabulary_matrices(lm.get_base_model())) if plain else []
+        deltas = _lora_deltas(lm) if plain else {}
+        if plain and _deltas_apply(model_path, deltas, vocab):  # no merge in memory, no serialisation
             files = _save_atomically(lambda tmp: save_with_deltas(model_path, tmp, deltas), tokenizer, out_dir,
                                      Path(model_path))
             saved = {k: [n for n in vocab if n in files[k]] for k in ("linked", "written")}
         else:
-            if cfg.lora is not None and save_dtype.itemsize > dtype.itemsize and _plain_lora(lm):
-                lm = merge_lora_into_stored(lm, model_path, save_dtype)
+            if plain and save_dtype.itemsize > dtype.itemsize:
+                lm = merge_lora_into_stored(deltas, model_path, save_dtype)
                 frozen_vocab = list(vocabulary_matrices(lm).values())  # as loaded from model_path
             elif cfg.lora is not None:
                 lm = merge_lora(lm)
