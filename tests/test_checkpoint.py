@@ -199,3 +199,37 @@ def test_save_with_deltas_adds_in_the_stored_dtype_and_links_the_rest(tiny, tmp_
         with pytest.raises(KeyError):
             save_with_deltas(src, tmp_path / "bad", bad)
         assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16])
+def test_a_low_rank_delta_is_added_as_its_product(tiny, tmp_path, stored):
+    """A LoRA change given as its factors (scale · up @ down) saves the same weights as the
+    full-size delta computed first (up to fp32 rounding: one fused product), rounded once to
+    the stored dtype; the tensors without one keep their bits."""
+    from safetensors.torch import load_file
+
+    from lidr.checkpoint import Delta, LowRank, save_with_deltas
+
+    src = tmp_path / "src"
+    save_model(_load(tiny).to(stored), src)
+    files = lambda folder: {k: v for f in folder.glob("*.safetensors") for k, v in load_file(f).items()}  # noqa: E731
+    before = files(src)
+    g = torch.Generator().manual_seed(0)
+    names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"]
+    low = {n: LowRank(tuple(before[n].shape), torch.randn(before[n].shape[0], 4, generator=g) * 1e-2,
+                      torch.randn(4, before[n].shape[1], generator=g) * 1e-2, 0.5) for n in names}
+    save_with_deltas(src, tmp_path / "low", low)
+    save_with_deltas(src, tmp_path / "full", {n: Delta(d.shape, d.compute) for n, d in low.items()})
+    after, full = files(tmp_path / "low"), files(tmp_path / "full")
+    for name, w in after.items():
+        assert w.dtype == stored, name
+        if name not in low:
+            assert torch.equal(w, before[name]), name
+            continue
+        want = before[name].float() + (low[name].up @ low[name].down) * 0.5
+        assert (want - before[name].float()).abs().max() > 1e-5  # the change is there
+        if stored == torch.float32:
+            assert torch.allclose(w, want, rtol=0, atol=1e-6) and torch.allclose(w, full[name], rtol=0, atol=1e-6)
+        else:  # rounded once: at most one bf16 step from the exact sum
+            assert ((w.float() - want).abs() <= want.abs() * 2 ** -8 + 1e-30).all()
+            assert ((w.float() - full[name].float()).abs() <= want.abs() * 2 ** -7 + 1e-30).all()

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import functools
 import inspect
 import itertools
@@ -43,6 +44,7 @@ import random
 import resource
 import shutil
 import time
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -665,18 +667,36 @@ def merge_lora_into_stored(deltas: dict, model_path: str | Path, stored: torch.d
 
 
 def _lora_deltas(model) -> dict:
-    """Each LoRA layer's change to its base weight (fp32, as PEFT computes it), by the weight's
-    name in the base model, as `checkpoint.Delta`s: computed when asked, one at a time."""
-    from lidr.checkpoint import Delta
+    """Each LoRA layer's change to its base weight, by the weight's name in the base model: a
+    `checkpoint.LowRank` (B @ A · α/r, added in one matrix product) for a layer with one adapter,
+    else a `checkpoint.Delta` that PEFT's `get_delta_weight` computes when asked. Both hold
+    copies of the LoRA factors (a few MB), not the model: the model can be freed before they
+    are written."""
+    from lidr.checkpoint import Delta, LowRank
+
+    def factors(m):  # what get_delta_weight reads of a plain LoRA linear: no base weight
+        return types.SimpleNamespace(lora_A=copy.deepcopy(m.lora_A), lora_B=copy.deepcopy(m.lora_B),
+                                     scaling=dict(m.scaling), fan_in_fan_out=m.fan_in_fan_out)
 
     @torch.no_grad()
-    def delta_of(m):
-        parts = [m.get_delta_weight(a) for a in m.active_adapters if a in m.lora_A]
+    def delta_of(get_delta_weight, layer, adapters):
+        parts = [get_delta_weight(layer, a) for a in adapters]
         return sum(parts[1:], parts[0])
 
-    return {name.removeprefix("base_model.model.") + ".weight": Delta(tuple(m.get_base_layer().weight.shape),
-                                                                       functools.partial(delta_of, m))
-            for name, m in _lora_layers(model) if any(a in m.lora_A for a in m.active_adapters)}
+    deltas = {}
+    for name, m in _lora_layers(model):
+        adapters = [a for a in m.active_adapters if a in m.lora_A]
+        if not adapters:
+            continue
+        shape = tuple(m.get_base_layer().weight.shape)
+        key = name.removeprefix("base_model.model.") + ".weight"
+        if len(adapters) == 1 and not m.fan_in_fan_out:
+            (a,) = adapters
+            deltas[key] = LowRank(shape, m.lora_B[a].weight.detach().clone(), m.lora_A[a].weight.detach().clone(),
+                                  float(m.scaling[a]))
+        else:
+            deltas[key] = Delta(shape, functools.partial(delta_of, type(m).get_delta_weight, factors(m), adapters))
+    return deltas
 
 
 def _deltas_apply(model_path: str | Path, deltas: dict, vocab: list[str]) -> bool:
@@ -981,14 +1001,13 @@ def train_dpo_nll(model_path: str | Path, examples: list[dict], out_dir: str | P
     from lidr.checkpoint import save_model, save_with_deltas, stored_dtype, vocabulary_matrices
 
     save_dtype = stored_dtype(model_path) or dtype
+    write_deltas = None
     if lm is not None:  # the main process
         plain = cfg.lora is not None and _plain_lora(lm)  # LoRA whose deltas are all there is to add
         vocab = list(vocabulary_matrices(lm.get_base_model())) if plain else []
         deltas = _lora_deltas(lm) if plain else {}
         if plain and _deltas_apply(model_path, deltas, vocab):  # no merge in memory, no serialisation
-            files = _save_atomically(lambda tmp: save_with_deltas(model_path, tmp, deltas), tokenizer, out_dir,
-                                     Path(model_path))
-            saved = {k: [n for n in vocab if n in files[k]] for k in ("linked", "written")}
+            write_deltas = functools.partial(save_with_deltas, model_path, deltas=deltas)  # after the model is freed
         else:
             if plain and save_dtype.itemsize > dtype.itemsize:
                 lm = merge_lora_into_stored(deltas, model_path, save_dtype)
@@ -1002,6 +1021,14 @@ def train_dpo_nll(model_path: str | Path, examples: list[dict], out_dir: str | P
     del lm, policy, optimizer, params, frozen_vocab  # the caller reloads from disk; free the memory now
     acc.free_memory()  # collects garbage (gc.collect) as well
     release_memory(collect=False)
+    if write_deltas is not None:
+        # Written after the model is freed: the files' new pages then reuse the memory just handed
+        # back. On this project's VM (gVisor) a page never used, or not used for seconds, costs
+        # 4-5x more: the 400 MB of the demo model's merged layers took 0.8-1.2 s written before
+        # the free, 0.2-0.3 s after (bench/README, round 18).
+        files = _save_atomically(write_deltas, tokenizer, out_dir, Path(model_path))
+        saved = {k: [n for n in vocab if n in files[k]] for k in ("linked", "written")}
+    acc.wait_for_everyone()  # M_{t+1} is whole before any process returns
 
     summary = {
         "pairs": len(pairs), "steps": step, "epochs": cfg.epochs, "lora": cfg.lora is not None,
