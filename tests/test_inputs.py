@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import subprocess
 import sys
 
@@ -117,6 +118,7 @@ def test_a_gguf_model_is_resolved_once_per_process(monkeypatch):
     assemble = package.assemble
     monkeypatch.setattr(package, "assemble", lambda *a, **k: calls.append(1) or assemble(*a, **k))
     monkeypatch.setattr(models, "_gguf_models", {})
+    (models.cache_dir() / "models" / "gemma-3-270m.checked.json").unlink(missing_ok=True)
     hashed = []
     digest = models.file_digest
     monkeypatch.setattr(models, "file_digest", lambda p: hashed.append(p) or digest(p))
@@ -126,9 +128,41 @@ def test_a_gguf_model_is_resolved_once_per_process(monkeypatch):
     gguf = models._gguf_models["gemma-3-270m"][0]
     assert not hashed and first.name == f"gemma-3-270m-{digest(gguf)}-{models.CONVERTED_LAYOUT}"
     # a GGUF file that changed since (here: its mtime) is assembled and checked again
-    gguf, (name, size, mtime), target = models._gguf_models["gemma-3-270m"]
-    models._gguf_models["gemma-3-270m"] = (gguf, (name, size, mtime - 1), target)
+    st = gguf.stat()
+    try:
+        os.utime(gguf, ns=(st.st_atime_ns, st.st_mtime_ns - 10**9))
+        assert resolve_model("gemma-3-270m") == first and len(calls) == 2
+    finally:
+        os.utime(gguf, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_a_checked_built_in_model_is_not_hashed_again_in_the_next_process(monkeypatch):
+    """The package's check hashes 253 MB (0.24 s): a later process trusts the record of a passed
+    check while the file's size and mtime are the same, and checks again when they are not."""
+    import lidr.models as models
+
+    package = importlib.import_module(models.ALIASES["gemma-3-270m"])
+    calls = []
+    assemble = package.assemble
+    monkeypatch.setattr(package, "assemble", lambda *a, **k: calls.append(1) or assemble(*a, **k))
+    record = models.cache_dir() / "models" / "gemma-3-270m.checked.json"
+    record.unlink(missing_ok=True)
+    monkeypatch.setattr(models, "_gguf_models", {})
+    first = resolve_model("gemma-3-270m")
+    assert len(calls) == 1 and record.is_file()
+    monkeypatch.setattr(models, "_gguf_models", {})  # as in a new process
+    assert resolve_model("gemma-3-270m") == first and len(calls) == 1
+    # a record of another size or mtime (the file changed since) is not trusted
+    kept = json.loads(record.read_text())
+    kept["file"][1] += 1
+    record.write_text(json.dumps(kept))
+    monkeypatch.setattr(models, "_gguf_models", {})
     assert resolve_model("gemma-3-270m") == first and len(calls) == 2
+    assert json.loads(record.read_text())["file"][1] == kept["file"][1] - 1  # recorded again
+    # nor a record of another sha256 (another release of the package)
+    record.write_text(json.dumps({**kept, "sha256": "0" * 64}))
+    monkeypatch.setattr(models, "_gguf_models", {})
+    assert resolve_model("gemma-3-270m") == first and len(calls) == 3
 
 
 def _lidr(*args, cwd):
