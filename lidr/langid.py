@@ -13,7 +13,7 @@ Restricting the candidates to the run's languages is the robust choice for decis
 py3langid confuses close languages (es/gl/ca, fr/oc, de/lb, zh/wuu/yue) on short texts,
 and a run only ever needs to tell its own languages apart.
 
-The model is loaded once per process, lazily (0.15-0.25 s from lidr's cache, 0.6-0.7 s the
+The model is loaded once per process, lazily (memory-mapped from lidr's cache, 0.6-0.7 s the
 first time); restricted identifiers are cheap copies that share the model's arrays, cached per
 candidate set.
 """
@@ -68,7 +68,24 @@ SCRIPTS: dict[str, frozenset[str]] = {
 def _letter_patterns() -> tuple[re.Pattern, re.Pattern]:
     """(one letter, one non-letter): letters and combining marks (Thai vowels, Devanagari
     signs, accents in NFD) carry the language; digits, punctuation, symbols and
-    underscores do not. Built on first use (scanning Unicode takes ~0.2 s)."""
+    underscores do not."""
+    marks = _combining_marks()
+    return re.compile(rf"[^\W\d_]|[{marks}]"), re.compile(rf"[^\w{marks}]|[\d_]")
+
+
+def _combining_marks() -> str:
+    """The combining marks (Unicode category M) as a regex character-class body. Scanning all
+    of Unicode for them takes 0.08-0.2 s, so the result is kept in lidr's cache folder, named
+    by the Unicode version of Python's unicodedata (a cache that cannot be read or written is
+    passed by)."""
+    from lidr.models import cache_dir
+    from lidr.records import atomic_write_text
+
+    cached = cache_dir() / "langid" / f"marks-unicode-{unicodedata.unidata_version}.txt"
+    try:
+        return cached.read_text(encoding="utf-8")
+    except (OSError, ValueError):
+        pass
     out, start, prev = [], None, None
     for cp in range(0x110000):
         if unicodedata.category(chr(cp))[0] == "M":
@@ -79,7 +96,11 @@ def _letter_patterns() -> tuple[re.Pattern, re.Pattern]:
             out.append(re.escape(chr(start)) + ("-" + re.escape(chr(prev)) if prev > start else ""))
             start = None
     marks = "".join(out)
-    return re.compile(rf"[^\W\d_]|[{marks}]"), re.compile(rf"[^\w{marks}]|[\d_]")
+    try:
+        atomic_write_text(cached, marks)
+    except OSError:
+        pass
+    return marks
 
 
 def _letter_share(line: str) -> float:
@@ -143,13 +164,14 @@ def _load():
 def _model_parts() -> tuple:
     """py3langid's model as its loader gives it: (ptc, pc, classes, nextmove, row, output).
     The file it ships is LZMA-compressed, and unpacking it takes 0.6-0.7 s, once per process.
-    The unpacked arrays are kept in lidr's cache folder (an uncompressed .npz of 68 MB, read
-    in 0.15-0.25 s; bench/fixed_costs.py), named by py3langid's version and the shipped file's size and mtime; a cache
-    that cannot be read or written is passed by."""
+    The unpacked arrays are kept in lidr's cache folder (a folder of .npy files, 68 MB, named by
+    py3langid's version and the shipped file's size and mtime) and memory-mapped from there:
+    no copy is made, and only the pages a text's walk touches are read (an .npz read whole took
+    0.15-0.25 s; bench/fixed_costs.py). The byte-walk tables come as memoryviews, which index
+    like py3langid's stdlib arrays. A cache that cannot be read or written is passed by."""
     import importlib.metadata
     import os
-    import zipfile
-    from array import array
+    import shutil
 
     import numpy as np
     from py3langid import modelio
@@ -159,26 +181,26 @@ def _model_parts() -> tuple:
 
     shipped = MODEL_DIR / MODEL_FILE
     st = shipped.stat()
-    cached = (cache_dir() / "langid"
-              / f"py3langid-{importlib.metadata.version('py3langid')}-{st.st_size}-{st.st_mtime_ns}.npz")
-    as_array = lambda a: array(a.dtype.char, a.tobytes())  # noqa: E731  (stdlib array, as py3langid's)
+    cached = cache_dir() / "langid" / f"py3langid-{importlib.metadata.version('py3langid')}-{st.st_size}-{st.st_mtime_ns}"
     try:
-        with np.load(cached, allow_pickle=False) as d:
-            return (d["ptc"], d["pc"], d["classes"].tolist(), as_array(d["nextmove"]), as_array(d["row"]),
-                    d["output"].tolist())
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        load = lambda name: np.load(cached / f"{name}.npy", mmap_mode="r", allow_pickle=False)  # noqa: E731
+        return (load("ptc"), load("pc"), load("classes").tolist(), memoryview(load("nextmove")),
+                memoryview(load("row")), load("output").tolist())
+    except (OSError, ValueError, EOFError):
         pass
     parts = ptc, pc, classes, nextmove, row, output = modelio.load_model(shipped)
     tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
     try:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            np.savez(f, ptc=ptc, pc=pc, classes=np.array(classes), output=np.asarray(output),
-                     nextmove=np.frombuffer(nextmove, dtype=nextmove.typecode),
-                     row=np.frombuffer(row, dtype=row.typecode))
+        tmp.mkdir(parents=True, exist_ok=True)
+        arrays = {"ptc": ptc, "pc": pc, "classes": np.array(classes), "output": np.asarray(output),
+                  "nextmove": np.frombuffer(nextmove, dtype=nextmove.typecode),
+                  "row": np.frombuffer(row, dtype=row.typecode)}
+        for name, a in arrays.items():
+            np.save(tmp / f"{name}.npy", np.ascontiguousarray(a), allow_pickle=False)
+        shutil.rmtree(cached, ignore_errors=True)  # one that could not be read
         os.replace(tmp, cached)
     except OSError:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     return parts
 
 

@@ -166,13 +166,29 @@ def test_model_unpacked_once_into_the_cache_gives_the_same_answers(tmp_path, mon
 
         monkeypatch.setattr(modelio, "load_model", load_model)
         if round_ == "broken cache":
-            (cached,) = (tmp_path / "langid").glob("*.npz")
-            cached.write_bytes(cached.read_bytes()[:1000])
+            (cached,) = (tmp_path / "langid").glob("py3langid-*")
+            (cached / "nextmove.npy").write_bytes((cached / "nextmove.npy").read_bytes()[:1000])
         monkeypatch.setattr(langid, "_full", None)
         monkeypatch.setattr(langid, "_restricted", {})
         model = langid._load()
-        assert len(list((tmp_path / "langid").glob("*.npz"))) == 1
+        assert [p.name for p in (tmp_path / "langid").iterdir() if p.name.startswith(".")] == []
+        assert len(list((tmp_path / "langid").glob("py3langid-*"))) == 1
         assert model.nb_classes == shipped.nb_classes and model.tk_nextmove == shipped.tk_nextmove
         assert model.tk_row == shipped.tk_row and model.tk_output == shipped.tk_output
         assert (model.nb_ptc == shipped.nb_ptc).all() and (model.nb_pc == shipped.nb_pc).all()
         assert [model.rank(t)[:3] for t in texts] == [shipped.rank(t)[:3] for t in texts]
+
+
+def test_combining_marks_kept_in_the_cache_are_those_of_a_full_scan(tmp_path, monkeypatch):
+    """The marks found by scanning Unicode are written once and read back in later processes:
+    the same character class, and the letter patterns built on it treat accents as letters."""
+    import unicodedata
+
+    monkeypatch.setenv("LIDR_CACHE", str(tmp_path))
+    scanned = langid._combining_marks()
+    cached = tmp_path / "langid" / f"marks-unicode-{unicodedata.unidata_version}.txt"
+    assert cached.read_text(encoding="utf-8") == scanned
+    monkeypatch.setattr(langid.unicodedata, "category", lambda c: pytest.fail("scanned again"))
+    assert langid._combining_marks() == scanned
+    import re
+    assert re.fullmatch(f"[{scanned}]+", "\u0301\u0e34\u093f") and not re.search(f"[{scanned}]", "abc 123 !?")
