@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -88,26 +89,47 @@ def repair_tail(path: Path) -> None:
 
 
 class JsonlAppender:
-    """Append records to a stage output, one flushed line each; knows the ids already there."""
+    """Append records to a stage output, one flushed line each; knows the ids already there.
 
-    def __init__(self, path: str | Path, key: str = "id"):
+    Each line is flushed as it is written, so a killed process loses none. They reach the disk
+    (fsync) at most `sync_every` seconds apart and at close: a machine that goes down loses at
+    most that much, and repair_tail drops a torn last line. An fsync per line cost 0.7 ms, 0.1 s
+    of the demo's generation stages."""
+
+    def __init__(self, path: str | Path, key: str = "id", sync_every: float = 1.0):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         repair_tail(self.path)
         self.done: set = {r[key] for r in load_records(self.path)}
         self.key = key
+        self.sync_every = sync_every
         self._f = self.path.open("a", encoding="utf-8")
+        self._synced = time.monotonic()
+        self._unsynced = False
 
     def write(self, rec: dict) -> None:
         if rec[self.key] in self.done:  # never duplicate a record on resume
             return
         self._f.write(json.dumps(rec, ensure_ascii=False) + "\n")
         self._f.flush()
-        os.fsync(self._f.fileno())
+        self._unsynced = True
+        if time.monotonic() - self._synced >= self.sync_every:
+            self._sync()
         self.done.add(rec[self.key])
 
+    def _sync(self) -> None:
+        os.fsync(self._f.fileno())
+        self._synced, self._unsynced = time.monotonic(), False
+
     def close(self) -> None:
-        self._f.close()
+        if self._f.closed:
+            return
+        try:
+            self._f.flush()
+            if self._unsynced:
+                self._sync()
+        finally:
+            self._f.close()
 
     def __enter__(self) -> "JsonlAppender":
         return self

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -21,6 +24,37 @@ def test_torn_last_line_is_cut_and_ids_are_not_repeated(tmp_path):
         w.write({"id": 2, "x": "again"})  # already there: ignored
         w.write({"id": 3, "x": "c"})
     assert [r["id"] for r in load_records(path)] == [1, 2, 3]
+
+
+def test_a_killed_process_loses_no_written_line(tmp_path):
+    """Each line is flushed as written: a process killed before it closes its appender (no
+    fsync yet, no close) leaves every line it wrote."""
+    path = tmp_path / "r.jsonl"
+    code = ("import os, sys; from lidr.records import JsonlAppender\n"
+            f"w = JsonlAppender({str(path)!r}, sync_every=3600)\n"
+            "for i in range(5): w.write({'id': i})\n"
+            "os.kill(os.getpid(), 9)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert proc.returncode == -9, proc.stderr
+    assert [r["id"] for r in load_records(path)] == [0, 1, 2, 3, 4]
+
+
+def test_lines_are_synced_at_most_once_per_interval_and_at_close(tmp_path, monkeypatch):
+    synced = []
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd))
+    with JsonlAppender(tmp_path / "r.jsonl", sync_every=3600) as w:
+        for i in range(50):
+            w.write({"id": i})
+        assert synced == []
+    assert len(synced) == 1  # at close
+    synced.clear()
+    with JsonlAppender(tmp_path / "s.jsonl", sync_every=0) as w:
+        for i in range(3):
+            w.write({"id": i})
+    assert len(synced) == 3  # every line, nothing left for the close
+    with JsonlAppender(tmp_path / "t.jsonl") as w:
+        pass
+    assert len(synced) == 3  # nothing written: nothing to sync
 
 
 def test_malformed_line_names_file_and_line(tmp_path):
