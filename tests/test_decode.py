@@ -822,3 +822,59 @@ def test_bf16_model_packs_its_layers_on_a_cpu_with_fast_bf16(tmp_path):
         answers[packed] = [g.text for g in b.generate(PROMPTS, max_new_tokens=10, repetition_penalty=1.2)]
         b.close()
     assert answers[True] == answers[False]
+
+
+def test_a_second_model_of_the_same_kind_skips_the_set_up_checks(tmp_path, monkeypatch):
+    """The probe forwards that check the decoder's own head and fast body answer for a kind of
+    model (class, config, dtype, device, packing): a second load of the same kind (M1 after M0,
+    saved elsewhere, other weights) takes their answers and decodes the same as a first load;
+    a model of another config is checked."""
+    from lidr.backends import decode
+
+    monkeypatch.setattr(decode, "_CHECKED", {})
+    first = _save_tiny(tmp_path / "m0", "gemma3")
+    a = HFBackend(first, dtype="float32", device="cpu")
+    assert a.decoder.own_head and len(decode._CHECKED) == 1
+    from transformers import AutoModelForCausalLM
+
+    other = AutoModelForCausalLM.from_pretrained(first, dtype=torch.float32)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.01)  # other weights, the same kind
+    other.save_pretrained(tmp_path / "m1")
+    for f in first.glob("tokenizer*"):
+        (tmp_path / "m1" / f.name).write_bytes(f.read_bytes())
+    ran = []
+    for name in ("_own_head_matches", "_fast_body_matches"):
+        real = getattr(decode.ContinuousDecoder, name)
+        monkeypatch.setattr(decode.ContinuousDecoder, name, lambda self, real=real, name=name: ran.append(name) or real(self))
+    b = HFBackend(tmp_path / "m1", dtype="float32", device="cpu")
+    assert ran == [] and b.decoder.own_head == a.decoder.own_head
+    assert (b.decoder.fast_body is None) == (a.decoder.fast_body is None)
+    monkeypatch.setattr(decode, "_CHECKED", {})
+    checked = HFBackend(tmp_path / "m1", dtype="float32", device="cpu")  # a new process's first load
+    assert ran and checked.decoder.own_head == b.decoder.own_head
+    gen = lambda backend: [g.text for g in backend.generate(PROMPTS, max_new_tokens=8)]  # noqa: E731
+    assert gen(b) == gen(checked)
+    ran.clear()
+    HFBackend(_save_tiny(tmp_path / "llama", "llama"), dtype="float32", device="cpu")
+    assert "_own_head_matches" in ran  # another kind: checked
+
+
+def test_bf16_greedy_choice_is_taken_blockwise_with_the_same_answers(tmp_path, monkeypatch):
+    """A bf16 model's next tokens come from lidr.head.greedy_t (the argmax taken block by block,
+    the repetition penalty applied to the seen ids' fp32 logits): the answers are those of the
+    full logits' argmax, with and without a penalty."""
+    from lidr.backends import decode
+
+    path = _save_tiny(tmp_path, "llama")  # (the tiny gemma3 soft-caps its logits: the full ones)
+    b = HFBackend(path, dtype="bfloat16", device="cpu")
+    assert b.decoder.own_head and not b.decoder.softcap
+    real = decode.greedy_t
+    for penalty in (1.0, 1.3):
+        used = []
+        monkeypatch.setattr(decode, "greedy_t", lambda w, h, *a: used.append(len(h)) or real(w, h, *a))
+        blockwise = [g.text for g in b.generate(PROMPTS, max_new_tokens=12, repetition_penalty=penalty)]
+        assert used and max(used) > 1
+        monkeypatch.setattr(decode, "greedy_t", lambda w, h, *a: None)  # the full logits' argmax
+        assert [g.text for g in b.generate(PROMPTS, max_new_tokens=12, repetition_penalty=penalty)] == blockwise

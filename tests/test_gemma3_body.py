@@ -136,6 +136,9 @@ def test_decoder_uses_it_only_where_the_probe_matches(tmp_path, monkeypatch):
 
     norm = gemma3_body._Norm.__call__
     monkeypatch.setattr(gemma3_body._Norm, "__call__", lambda self, x: norm(self, x) * (1 + 2 ** -20))
+    from lidr.backends import decode
+
+    monkeypatch.setattr(decode, "_CHECKED", {})  # as in a new process: its answers are per process
     assert ContinuousDecoder(model, tok, {tok.eos_token_id}, packed_weights=False).fast_body is None
 
 

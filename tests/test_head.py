@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lidr.head import BLOCK, HalfHead, TokenLogProbs, logits_t, token_logps
+from lidr.head import BLOCK, HalfHead, TokenLogProbs, greedy_t, logits_t, token_logps
 
 
 @pytest.mark.parametrize("rows", [3, 40])  # one product / blockwise products
@@ -12,6 +12,58 @@ def test_logits_t_is_the_transposed_linear(rows):
     torch.manual_seed(0)
     w, h = torch.randn(3000, 16), torch.randn(rows, 16)
     torch.testing.assert_close(logits_t(w, h), F.linear(h, w).T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_greedy_t_is_the_argmax_of_the_logits(dtype):
+    """The blockwise choice is `logits_t(...).argmax` over the vocabulary for any number of rows
+    (the block size follows it): the lowest id among equal logits, even across blocks, and a NaN
+    logit first."""
+    torch.manual_seed(0)
+    w = (torch.randn(70000, 32) * 0.1).to(dtype)  # more than one block for every row count
+    for rows in (1, 3, 8, 16, 33, 64, 100):
+        h = (torch.randn(rows, 32) * 2).to(dtype)
+        want = logits_t(w, h).float().argmax(0)
+        assert torch.equal(greedy_t(w, h), want), rows
+    # equal logits in two blocks: the lower id wins, wherever the blocks split
+    w = torch.zeros(140000, 4, dtype=dtype)
+    h = torch.ones(2, 4, dtype=dtype)
+    w[[5, 70000, 139999]] = 1.0
+    assert greedy_t(w, h).tolist() == [5, 5]
+    w[5] = 0.5
+    assert greedy_t(w, h).tolist() == [70000, 70000]
+    w[100000] = float("nan")  # a NaN logit: the plain path's rule (the caller's)
+    assert greedy_t(w, h) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_greedy_t_applies_the_repetition_penalty_as_the_decoder_does(dtype):
+    """With a penalty, the blockwise choice is the plain one: fp32 logits, transformers' penalty
+    on the ids each row has seen (repeated ids, a factor per row, above and below 1), argmax."""
+    from lidr.backends.decode import _choose
+
+    torch.manual_seed(0)
+    w = (torch.randn(70000, 32) * 0.1).to(dtype)
+    for rows in (1, 5, 16, 40):
+        h = (torch.randn(rows, 32) * 2).to(dtype)
+        logits = logits_t(w, h).T.float()
+        # each row has seen its own top tokens (the case the penalty is for) and some others
+        seen = torch.cat([logits.topk(3, dim=1).indices, torch.randint(0, 70000, (rows, 20)),
+                          logits.topk(1, dim=1).indices], 1)
+        for factors in ([1.1] * rows, [1.5 if r % 2 else 0.8 for r in range(rows)], [1.0] * rows):
+            penalty = torch.tensor(factors)[:, None]
+            want = _choose(logits.clone(), seen, penalty)
+            assert torch.equal(greedy_t(w, h, seen, penalty), want), (rows, factors[:2])
+    # a seen token and an unseen one with the same penalized logit: the lower id wins
+    w = torch.zeros(140000, 2, dtype=dtype)
+    h = torch.ones(1, 2, dtype=dtype)
+    w[80000] = 2.0  # seen: 4 / 2 = 2
+    w[90000] = 1.0  # unseen: 2
+    w[100] = 0.5  # unseen: 1
+    seen, penalty = torch.tensor([[80000, 80000]]), torch.tensor([[2.0]])
+    assert greedy_t(w, h, seen, penalty).tolist() == [80000]
+    w[1000] = 1.0  # unseen, lower id, the same 2
+    assert greedy_t(w, h, seen, penalty).tolist() == [1000] == _choose(logits_t(w, h).T.float(), seen, penalty).tolist()
 
 
 @pytest.mark.parametrize("softcap", [None, 5.0])

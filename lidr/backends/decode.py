@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from lidr import packed_linear
 from lidr.backends.gemma3_body import Gemma3Body
-from lidr.head import CHUNK, HalfHead, Int8Head, logits_t
+from lidr.head import CHUNK, HalfHead, Int8Head, greedy_t, logits_t
 
 
 @dataclass
@@ -97,6 +97,13 @@ def as_requests(items, max_new_tokens: int, repetition_penalty: float) -> list[R
     return out
 
 
+# The decoder's set-up checks (`_own_head_matches`, `_fast_body_matches`) answer for a kind of
+# model, not for its weights' values: (own head, fast body) by `ContinuousDecoder._checks_key`.
+# A run's models M0, M1, ... are one kind, so each later load skips the two probe forwards
+# (0.1 s for gemma-3-270m).
+_CHECKED: dict[tuple, tuple[bool, bool]] = {}
+
+
 @dataclass
 class _Row:
     key: object
@@ -132,13 +139,19 @@ class ContinuousDecoder:
         self.window = _sliding_window(self.new_cache())
         self.packed_layers = self._pack() if packed_weights else 0
         self.pack_head, self.packed_head = False, None  # (set below; the check runs the plain product)
-        self.own_head = self.body is not None and self.head_weight is not None and self._own_head_matches()
+        self._probe = self._probe_inputs = None
+        self.own_head = self.body is not None and self.head_weight is not None
+        key = self._checks_key() if self.own_head else None
+        known = _CHECKED.get(key)
+        self.own_head = self.own_head and (known[0] if known else self._own_head_matches())
         # Gemma 3's body in fewer operator calls (lidr/backends/gemma3_body.py), where it gives
         # the probe's hidden states bit for bit; on a CPU only, where it was measured and tested
         # (on a GPU sdpa may pick another kernel for a mask laid out otherwise than transformers')
         self.fast_body = Gemma3Body.of(self.body) if self.own_head and self.device.type == "cpu" else None
-        if self.fast_body is not None and not self._fast_body_matches():
+        if self.fast_body is not None and not (known[1] if known else self._fast_body_matches()):
             self.fast_body = None
+        if key is not None and known is None:
+            _CHECKED[key] = (self.own_head, self.fast_body is not None)
         # The output layer goes through oneDNN too (where we compute it ourselves), but its
         # weight is reordered only at the first step that needs the whole fp32 product
         # (`_packed_head`): with the fp16 and int8 screens that is seldom or never, and packing
@@ -190,6 +203,11 @@ class ContinuousDecoder:
             if self.int8_head is None:
                 self._build_int8_head(h)
             chosen = self._int8_choice(h, seen, penalty)
+            if chosen is not None:
+                return chosen
+        if (not self.softcap and self.head_bias is None and h.device.type == "cpu"
+                and self.head_weight.dtype != torch.float32):  # bf16, fp16: lidr/head.py (fp32 is packed)
+            chosen = greedy_t(self.head_weight, h, seen if penalty is not None else None, penalty)
             if chosen is not None:
                 return chosen
         return _choose(self._head(h), seen, penalty)
@@ -280,26 +298,48 @@ class ContinuousDecoder:
             logits = torch.where(hit, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
         return logits
 
+    def _checks_key(self) -> tuple:
+        """What the set-up checks' answers depend on (`_CHECKED`): the model's class and config
+        (not the path it was loaded from), its weights' dtype, the device, which layers are
+        packed, the probe's first token, and transformers' version."""
+        import json
+
+        import transformers
+
+        config = self.model.config.to_dict()
+        config.pop("_name_or_path", None)
+        return (type(self.model), json.dumps(config, sort_keys=True, default=str), self.head_weight.dtype,
+                str(self.device), self.packed_layers, self.tokenizer.bos_token_id, self.pad_id, transformers.__version__)
+
+    def _probe_state(self) -> tuple[torch.Tensor, tuple]:
+        """The body's last hidden state for a short probe ("Hello world"), and the probe's
+        (ids, mask, positions)."""
+        if self._probe is None:
+            ids = torch.tensor([[self.pad_id if self.tokenizer.bos_token_id is None else self.tokenizer.bos_token_id,
+                                 *self.tokenizer("Hello world", add_special_tokens=False).input_ids]], device=self.device)
+            mask = torch.ones_like(ids)
+            pos = torch.arange(ids.shape[1], device=self.device)[None]
+            with torch.inference_mode():
+                h = self.body(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state[:, -1]
+            self._probe, self._probe_inputs = h, (ids, mask, pos)
+        return self._probe, self._probe_inputs
+
     def _own_head_matches(self) -> bool:
         """Our head (body + output layer) must give the model's own logits; a model with
         something else after its body (a logit scale, ...) falls back to its own forward."""
-        ids = torch.tensor([[self.pad_id if self.tokenizer.bos_token_id is None else self.tokenizer.bos_token_id,
-                             *self.tokenizer("Hello world", add_special_tokens=False).input_ids]], device=self.device)
-        mask = torch.ones_like(ids)
-        pos = torch.arange(ids.shape[1], device=self.device)[None]
+        h, (ids, mask, pos) = self._probe_state()
         with torch.inference_mode():
             want = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits[:, -1].float()
-            h = self.body(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state[:, -1]
             got = self._head(h)
-        self._probe, self._probe_inputs = h, (ids, mask, pos)
         tol = 1e-2 if self.head_weight.dtype != torch.float32 else 1e-3
         return bool(torch.allclose(got, want, rtol=tol, atol=tol * max(1.0, float(want.abs().max()))))
 
     def _fast_body_matches(self) -> bool:
         """`fast_body` gives the body's own hidden states for the probe, bit for bit (a
         transformers release that changed Gemma 3's arithmetic would fail here)."""
+        h, inputs = self._probe_state()
         try:
-            return torch.equal(self.fast_body(*self._probe_inputs, self.new_cache())[:, -1], self._probe)
+            return torch.equal(self.fast_body(*inputs, self.new_cache())[:, -1], h)
         except Exception:  # an attribute or signature it does not know: transformers' forward
             return False
 
@@ -340,8 +380,9 @@ class ContinuousDecoder:
         if not half.finite or not HalfHead.faster(w, half.half):
             return None
         with torch.inference_mode():
-            approx, eps = half.approx(self._probe)
-            exact = (w @ self._probe.float().T).T
+            probe = self._probe_state()[0]
+            approx, eps = half.approx(probe)
+            exact = (w @ probe.float().T).T
         return half if float((approx - exact).abs().max()) <= eps / 2 else None
 
     # -- the decoding loop ---------------------------------------------------------------------
