@@ -145,9 +145,7 @@ def save_with_deltas(source: str | Path, out_dir: str | Path, deltas: dict[str, 
             continue
         entries = sorted((header[k]["data_offsets"], k) for k in names)
         # Every tensor goes through one buffer, read into it and written from it: the buffer stays
-        # in cache and needs no new pages, and the changed ones are merged in place there. (Read
-        # through a memory map instead, each page of the source costs a fault: 0.3-0.5 s more for
-        # the demo model's 400 MB on this project's VM.)
+        # in cache and needs no new pages, and the changed ones are merged in place there.
         buffer = torch.empty(max(max(end - start for (start, end), k in entries if k in deltas), _COPY_CHUNK),
                              dtype=torch.uint8)
         with (source / file).open("rb") as src, (out_dir / file).open("wb") as out:

@@ -202,7 +202,7 @@ def test_save_with_deltas_adds_in_the_stored_dtype_and_links_the_rest(tiny, tmp_
 
 
 @pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16])
-def test_a_low_rank_delta_is_added_as_its_product(tiny, tmp_path, stored):
+def test_a_low_rank_delta_is_added_as_its_product(tiny, tmp_path, stored, monkeypatch):
     """A LoRA change given as its factors (scale · up @ down) saves the same weights as the
     full-size delta computed first (up to fp32 rounding: one fused product), rounded once to
     the stored dtype; the tensors without one keep their bits."""
@@ -218,8 +218,13 @@ def test_a_low_rank_delta_is_added_as_its_product(tiny, tmp_path, stored):
     names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"]
     low = {n: LowRank(tuple(before[n].shape), torch.randn(before[n].shape[0], 4, generator=g) * 1e-2,
                       torch.randn(4, before[n].shape[1], generator=g) * 1e-2, 0.5) for n in names}
+    import lidr.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "_COPY_CHUNK", 1000)  # unchanged tensors copied in many pieces
     save_with_deltas(src, tmp_path / "low", low)
     save_with_deltas(src, tmp_path / "full", {n: Delta(d.shape, d.compute) for n, d in low.items()})
+    assert [f.stat().st_size for f in sorted((tmp_path / "low").glob("*.safetensors"))] == \
+        [f.stat().st_size for f in sorted(src.glob("*.safetensors"))]
     after, full = files(tmp_path / "low"), files(tmp_path / "full")
     for name, w in after.items():
         assert w.dtype == stored, name
@@ -233,3 +238,18 @@ def test_a_low_rank_delta_is_added_as_its_product(tiny, tmp_path, stored):
         else:  # rounded once: at most one bf16 step from the exact sum
             assert ((w.float() - want).abs() <= want.abs() * 2 ** -8 + 1e-30).all()
             assert ((w.float() - full[name].float()).abs() <= want.abs() * 2 ** -7 + 1e-30).all()
+
+
+def test_a_source_file_shorter_than_its_header_says_is_named(tiny, tmp_path):
+    """A model file cut short (a copy that stopped early) is an error naming it, not a short save."""
+    from lidr.checkpoint import LowRank, save_with_deltas
+
+    src = tmp_path / "src"
+    save_model(_load(tiny), src)
+    body = next(f for f in src.glob("*.safetensors") if "embed" not in f.name)
+    body.write_bytes(body.read_bytes()[:-64])  # a copy cut short
+    name = "model.layers.1.mlp.down_proj.weight"
+    shape = tuple(_load(tiny).get_parameter(name).shape)
+    delta = LowRank(shape, torch.zeros(shape[0], 2), torch.zeros(2, shape[1]), 1.0)
+    with pytest.raises(ValueError, match=str(body)):
+        save_with_deltas(src, tmp_path / "out", {name: delta})

@@ -1022,10 +1022,8 @@ def train_dpo_nll(model_path: str | Path, examples: list[dict], out_dir: str | P
     acc.free_memory()  # collects garbage (gc.collect) as well
     release_memory(collect=False)
     if write_deltas is not None:
-        # Written after the model is freed: the files' new pages then reuse the memory just handed
-        # back. On this project's VM (gVisor) a page never used, or not used for seconds, costs
-        # 4-5x more: the 400 MB of the demo model's merged layers took 0.8-1.2 s written before
-        # the free, 0.2-0.3 s after (bench/README, round 18).
+        # Written after the model is freed (the save needs only the LoRA factors): the files'
+        # pages and the save's buffer come on top of nothing that training held.
         files = _save_atomically(write_deltas, tokenizer, out_dir, Path(model_path))
         saved = {k: [n for n in vocab if n in files[k]] for k in ("linked", "written")}
     acc.wait_for_everyone()  # M_{t+1} is whole before any process returns
