@@ -26,7 +26,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -96,28 +96,22 @@ def save_model(model, out_dir: str | Path, *, source: str | Path | None = None,
     return done
 
 
-class Delta(NamedTuple):
-    """A change to one stored tensor, computed when `save_with_deltas` writes that tensor: one
-    at a time, so that the deltas of a whole model (400 MB for gemma-3-270m's LoRA layers) never
-    sit in memory together."""
-    shape: tuple[int, ...]
-    compute: Callable[[], torch.Tensor]
-
-
 class LowRank(NamedTuple):
-    """A change of rank r to one stored tensor, `scale · up @ down` (LoRA's B @ A · α/r):
-    `save_with_deltas` adds it to the stored tensor in one matrix product (addmm), with no copy
-    of the full-size delta. up: [out, r], down: [r, in]."""
+    """A change of rank r to one stored 2-D tensor, `scale · up @ down` (LoRA's B @ A · α/r):
+    `save_with_deltas` adds it to the stored tensor in one matrix product (addmm), so no
+    full-size delta is ever made (400 MB for all of gemma-3-270m's LoRA layers in fp32).
+    up: [out, r], down: [r, in]."""
     shape: tuple[int, ...]
     up: torch.Tensor
     down: torch.Tensor
     scale: float
 
     def compute(self) -> torch.Tensor:
+        """The full-size change, for a caller that adds it to a model in memory."""
         return (self.up @ self.down) * self.scale
 
 
-def save_with_deltas(source: str | Path, out_dir: str | Path, deltas: dict[str, Delta | LowRank]) -> dict[str, list[str]]:
+def save_with_deltas(source: str | Path, out_dir: str | Path, deltas: dict[str, LowRank]) -> dict[str, list[str]]:
     """The safetensors model folder `source` again in `out_dir`, with `deltas[name]` added to those
     tensors in the dtype each is stored in: a LoRA merge into the weights as stored, without
     loading the model. A file that holds no changed tensor is linked (lidr's embedding file);
@@ -158,7 +152,7 @@ def save_with_deltas(source: str | Path, out_dir: str | Path, deltas: dict[str, 
                 merged = buffer[:end - start]
                 _read_exactly(src, merged, source / file)
                 merged = merged.view(_TORCH[header[name]["dtype"]]).view(deltas[name].shape)
-                _add_into(merged, merged, deltas[name])
+                _add_low_rank(merged, deltas[name])
                 out.write(memoryview(buffer[:end - start].numpy()))
         done["written"] += names
     for extra in ("config.json", "generation_config.json", INDEX):
@@ -184,25 +178,15 @@ def _copy_bytes(src, out, n: int, buffer: torch.Tensor) -> None:
         n -= chunk.numel()
 
 
-def _add_into(merged: torch.Tensor, stored: torch.Tensor, delta: Delta | LowRank) -> None:
-    """merged = stored + delta (`merged` may be `stored`: in place), in the wider of the two
-    dtypes, rounded once to the stored one."""
-    if isinstance(delta, LowRank) and len(stored.shape) == 2:
-        wide = torch.promote_types(stored.dtype, delta.up.dtype)
-        if wide == stored.dtype:  # one product, written where it goes
-            if merged is stored:
-                stored.addmm_(delta.up.to(wide), delta.down.to(wide), alpha=delta.scale)
-            else:
-                torch.addmm(stored, delta.up.to(wide), delta.down.to(wide), alpha=delta.scale, out=merged)
-        else:
-            merged.copy_(torch.addmm(stored.to(wide), delta.up.to(wide), delta.down.to(wide), alpha=delta.scale))
-        return
-    change = delta.compute()
-    if change.dtype == stored.dtype:
-        torch.add(stored, change, out=merged)
+def _add_low_rank(stored: torch.Tensor, change: LowRank) -> None:
+    """stored += change, in place, computed in the wider of the two dtypes and rounded once to
+    the stored one (fp32 factors on bf16 weights: the sum in fp32)."""
+    wide = torch.promote_types(stored.dtype, change.up.dtype)
+    up, down = change.up.to(wide), change.down.to(wide)
+    if wide == stored.dtype:
+        stored.addmm_(up, down, alpha=change.scale)
     else:
-        wide = torch.promote_types(stored.dtype, change.dtype)
-        merged.copy_(stored.to(wide) + change.to(wide))
+        stored.copy_(torch.addmm(stored.to(wide), up, down, alpha=change.scale))
 
 
 def _header(path: Path) -> tuple[bytes, dict]:
@@ -296,4 +280,4 @@ def _nbytes(path: Path) -> int:
     return path.stat().st_size - 8 - header
 
 
-__all__ = ["Delta", "LowRank", "save_model", "save_with_deltas", "stored_dtype", "vocabulary_matrices"]
+__all__ = ["LowRank", "save_model", "save_with_deltas", "stored_dtype", "vocabulary_matrices"]

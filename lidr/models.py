@@ -351,7 +351,9 @@ def _standard_strides(module, args):
     it keeps (`logits_to_keep=1`, as generate's prefill and lidr's decoder pass) as a strided view,
     and torch sends the product of a 3-D view whose strides it cannot fold through a copy of the
     whole weight: for gemma-3-270m's 262k x 640 output layer in bf16, 0.8 s for one row and 2.6 s
-    for four, against 0.02 s for a copy of the rows (bench/README.md, round 17)."""
+    for four, against 0.02 s for a copy of the rows (bench/README.md, round 17). The strides are
+    checked here rather than with `is_contiguous()`, which ignores those of size-1 dimensions and
+    calls the one-row view contiguous (0.75 s through that view, measured in round 18)."""
     import torch
 
     x = args[0]

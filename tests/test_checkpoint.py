@@ -168,76 +168,82 @@ def test_across_file_systems_the_matrix_is_copied(tiny, tmp_path):
     assert torch.equal(_state(tmp_path / "m")[EMBED], model.state_dict()[EMBED])
 
 
+def _files(folder):
+    from safetensors.torch import load_file
+
+    return {k: v for f in folder.glob("*.safetensors") for k, v in load_file(f).items()}
+
+
+def _low_rank(shape, rank, generator, scale=0.5):
+    from lidr.checkpoint import LowRank
+
+    return LowRank(tuple(shape), torch.randn(shape[0], rank, generator=generator) * 1e-2,
+                   torch.randn(rank, shape[1], generator=generator) * 1e-2, scale)
+
+
 def test_save_with_deltas_adds_in_the_stored_dtype_and_links_the_rest(tiny, tmp_path):
-    """A folder's files again with deltas added to named tensors: rounded once to the dtype each
-    is stored in, the other tensors' bits kept, files without a delta linked, and a delta the
-    folder has no tensor (or shape) for refused before anything is written."""
-    from lidr.checkpoint import Delta, save_with_deltas
+    """A folder's files again with low-rank changes added to named tensors: computed in fp32 and
+    rounded once to the dtype each is stored in (bf16 here), the other tensors' bits kept, files
+    without a change linked, and a change the folder has no tensor (or shape) for refused before
+    anything is written."""
+    from lidr.checkpoint import save_with_deltas
 
     src = tmp_path / "src"
     save_model(_load(tiny).bfloat16(), src)  # bf16 files, the embedding in a file of its own
     up, down = "model.layers.0.mlp.up_proj.weight", "model.layers.1.mlp.down_proj.weight"
-    from safetensors.torch import load_file
-
-    files = lambda folder: {k: v for f in folder.glob("*.safetensors") for k, v in load_file(f).items()}  # noqa: E731
-    before = files(src)
-    deltas = {up: torch.randn(before[up].shape) * 1e-3, down: torch.full(before[down].shape, 1e-5)}
-    done = save_with_deltas(src, tmp_path / "out", {k: Delta(tuple(d.shape), lambda d=d: d) for k, d in deltas.items()})
+    before = _files(src)
+    g = torch.Generator().manual_seed(0)
+    deltas = {n: _low_rank(before[n].shape, 3, g) for n in (up, down)}
+    done = save_with_deltas(src, tmp_path / "out", deltas)
     assert done["linked"] == [EMBED] and up in done["written"]
     assert os.path.samefile(tmp_path / "out" / "model-embed_tokens.safetensors", src / "model-embed_tokens.safetensors")
-    after = files(tmp_path / "out")
+    after = _files(tmp_path / "out")
     assert after.keys() == before.keys()
     for name, w in after.items():
-        want = (before[name].float() + deltas[name]).bfloat16() if name in deltas else before[name]
-        assert w.dtype == torch.bfloat16 and torch.equal(w, want), name
+        if name not in deltas:
+            assert torch.equal(w, before[name]), name
+            continue
+        d = deltas[name]
+        once = torch.addmm(before[name].float(), d.up, d.down, alpha=d.scale).bfloat16()  # rounded once
+        twice = (before[name].float() + d.compute().bfloat16().float()).bfloat16()  # the change rounded first
+        assert w.dtype == torch.bfloat16 and torch.equal(w, once) and not torch.equal(w, before[name]), name
+        assert not torch.equal(once, twice)  # (so the check above can tell them apart)
     from transformers import AutoModelForCausalLM
 
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype="auto")
     assert loaded.dtype == torch.bfloat16 and torch.equal(loaded.model.layers[0].mlp.up_proj.weight, after[up])
-    for bad in ({"model.layers.9.mlp.up_proj.weight": deltas[up]}, {up: deltas[up].T}):
-        bad = {k: Delta(tuple(d.shape), lambda d=d: d) for k, d in bad.items()}
+    wrong = deltas[up]._replace(shape=deltas[up].shape[::-1], up=deltas[up].down.T, down=deltas[up].up.T)
+    for bad in ({"model.layers.9.mlp.up_proj.weight": deltas[up]}, {up: wrong}):
         with pytest.raises(KeyError):
             save_with_deltas(src, tmp_path / "bad", bad)
         assert not (tmp_path / "bad").exists()
 
 
-@pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16])
-def test_a_low_rank_delta_is_added_as_its_product(tiny, tmp_path, stored, monkeypatch):
-    """A LoRA change given as its factors (scale · up @ down) saves the same weights as the
-    full-size delta computed first (up to fp32 rounding: one fused product), rounded once to
-    the stored dtype; the tensors without one keep their bits."""
-    from safetensors.torch import load_file
-
-    from lidr.checkpoint import Delta, LowRank, save_with_deltas
+def test_fp32_weights_get_their_low_rank_change_in_fp32(tiny, tmp_path, monkeypatch):
+    """fp32 files: each changed tensor is W + scale · up @ down to fp32 rounding, the change
+    really there; unchanged tensors (copied in many pieces here) keep their bits and the files
+    their sizes."""
+    import lidr.checkpoint as checkpoint
+    from lidr.checkpoint import save_with_deltas
 
     src = tmp_path / "src"
-    save_model(_load(tiny).to(stored), src)
-    files = lambda folder: {k: v for f in folder.glob("*.safetensors") for k, v in load_file(f).items()}  # noqa: E731
-    before = files(src)
+    save_model(_load(tiny), src)
+    before = _files(src)
     g = torch.Generator().manual_seed(0)
-    names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"]
-    low = {n: LowRank(tuple(before[n].shape), torch.randn(before[n].shape[0], 4, generator=g) * 1e-2,
-                      torch.randn(4, before[n].shape[1], generator=g) * 1e-2, 0.5) for n in names}
-    import lidr.checkpoint as checkpoint
-
+    low = {n: _low_rank(before[n].shape, 4, g) for n in ["model.layers.0.self_attn.q_proj.weight",
+                                                          "model.layers.1.mlp.down_proj.weight"]}
     monkeypatch.setattr(checkpoint, "_COPY_CHUNK", 1000)  # unchanged tensors copied in many pieces
-    save_with_deltas(src, tmp_path / "low", low)
-    save_with_deltas(src, tmp_path / "full", {n: Delta(d.shape, d.compute) for n, d in low.items()})
-    assert [f.stat().st_size for f in sorted((tmp_path / "low").glob("*.safetensors"))] == \
+    save_with_deltas(src, tmp_path / "out", low)
+    assert [f.stat().st_size for f in sorted((tmp_path / "out").glob("*.safetensors"))] == \
         [f.stat().st_size for f in sorted(src.glob("*.safetensors"))]
-    after, full = files(tmp_path / "low"), files(tmp_path / "full")
-    for name, w in after.items():
-        assert w.dtype == stored, name
+    for name, w in _files(tmp_path / "out").items():
+        assert w.dtype == torch.float32, name
         if name not in low:
             assert torch.equal(w, before[name]), name
             continue
-        want = before[name].float() + (low[name].up @ low[name].down) * 0.5
-        assert (want - before[name].float()).abs().max() > 1e-5  # the change is there
-        if stored == torch.float32:
-            assert torch.allclose(w, want, rtol=0, atol=1e-6) and torch.allclose(w, full[name], rtol=0, atol=1e-6)
-        else:  # rounded once: at most one bf16 step from the exact sum
-            assert ((w.float() - want).abs() <= want.abs() * 2 ** -8 + 1e-30).all()
-            assert ((w.float() - full[name].float()).abs() <= want.abs() * 2 ** -7 + 1e-30).all()
+        want = before[name] + (low[name].up @ low[name].down) * low[name].scale
+        assert (want - before[name]).abs().max() > 1e-5  # the change is there
+        assert torch.allclose(w, want, rtol=0, atol=1e-6), name
 
 
 def test_a_source_file_shorter_than_its_header_says_is_named(tiny, tmp_path):

@@ -630,3 +630,38 @@ def test_resolve_dtype(monkeypatch):
     for fast, want in ((True, torch.bfloat16), (False, torch.float32)):
         monkeypatch.setattr(lidr.models, "cpu_has_fast_bf16", lambda fast=fast: fast)
         assert resolve_dtype("auto") == want
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_lora_deltas_are_peft_deltas_as_low_rank_factors(fan_in_fan_out):
+    """The save's LoRA changes are PEFT's own `get_delta_weight`, summed over the active
+    adapters: with two adapters at different scales, and for a base layer that stores its
+    weight as [in, out] (GPT-2's Conv1D, fan_in_fan_out)."""
+    from peft import LoraConfig as PeftLora
+    from peft import get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if fan_in_fan_out:
+        base = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=32))
+        targets = ["c_attn", "c_fc"]
+    else:
+        base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                            num_attention_heads=2, num_key_value_heads=1))
+        targets = ["q_proj", "down_proj"]
+    model = get_peft_model(base, PeftLora(r=2, lora_alpha=4, target_modules=targets, fan_in_fan_out=fan_in_fan_out),
+                           adapter_name="a")
+    model.add_adapter("b", PeftLora(r=3, lora_alpha=9, target_modules=targets, fan_in_fan_out=fan_in_fan_out))
+    model.base_model.set_adapter(["a", "b"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()  # PEFT starts B at zero: a change to compare
+    deltas = train_mod._lora_deltas(model)
+    layers = train_mod._lora_layers(model)
+    assert len(deltas) == len(layers) > 0
+    for name, m in layers:
+        d = deltas[name.removeprefix("base_model.model.") + ".weight"]
+        want = m.get_delta_weight("a") + m.get_delta_weight("b")
+        assert d.shape == tuple(m.get_base_layer().weight.shape) == tuple(want.shape)
+        assert want.abs().max() > 0 and torch.allclose(d.compute(), want, rtol=1e-5, atol=1e-6), name

@@ -207,7 +207,7 @@ class ContinuousDecoder:
                 return chosen
         if (not self.softcap and self.head_bias is None and h.device.type == "cpu"
                 and self.head_weight.dtype != torch.float32):  # bf16, fp16: lidr/head.py (fp32 is packed)
-            chosen = greedy_t(self.head_weight, h, seen if penalty is not None else None, penalty)
+            chosen = greedy_t(self.head_weight, h, seen, penalty)
             if chosen is not None:
                 return chosen
         return _choose(self._head(h), seen, penalty)

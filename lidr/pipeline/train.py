@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import copy
 import functools
 import inspect
 import itertools
@@ -44,7 +43,6 @@ import random
 import resource
 import shutil
 import time
-import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -667,35 +665,24 @@ def merge_lora_into_stored(deltas: dict, model_path: str | Path, stored: torch.d
 
 
 def _lora_deltas(model) -> dict:
-    """Each LoRA layer's change to its base weight, by the weight's name in the base model: a
-    `checkpoint.LowRank` (B @ A · α/r, added in one matrix product) for a layer with one adapter,
-    else a `checkpoint.Delta` that PEFT's `get_delta_weight` computes when asked. Both hold
-    copies of the LoRA factors (a few MB), not the model: the model can be freed before they
-    are written."""
-    from lidr.checkpoint import Delta, LowRank
-
-    def factors(m):  # what get_delta_weight reads of a plain LoRA linear: no base weight
-        return types.SimpleNamespace(lora_A=copy.deepcopy(m.lora_A), lora_B=copy.deepcopy(m.lora_B),
-                                     scaling=dict(m.scaling), fan_in_fan_out=m.fan_in_fan_out)
-
-    @torch.no_grad()
-    def delta_of(get_delta_weight, layer, adapters):
-        parts = [get_delta_weight(layer, a) for a in adapters]
-        return sum(parts[1:], parts[0])
+    """Each plain LoRA layer's change to its base weight (`_plain_lora`), by the weight's name in
+    the base model, as a `checkpoint.LowRank`: PEFT's delta B @ A · α/r (transposed where the
+    base layer stores its weight as [in, out]), the active adapters' factors side by side where
+    there are several. Copies of the factors (a few MB), not the model: the model can be freed
+    before they are written."""
+    from lidr.checkpoint import LowRank
 
     deltas = {}
     for name, m in _lora_layers(model):
         adapters = [a for a in m.active_adapters if a in m.lora_A]
         if not adapters:
             continue
-        shape = tuple(m.get_base_layer().weight.shape)
-        key = name.removeprefix("base_model.model.") + ".weight"
-        if len(adapters) == 1 and not m.fan_in_fan_out:
-            (a,) = adapters
-            deltas[key] = LowRank(shape, m.lora_B[a].weight.detach().clone(), m.lora_A[a].weight.detach().clone(),
-                                  float(m.scaling[a]))
-        else:
-            deltas[key] = Delta(shape, functools.partial(delta_of, type(m).get_delta_weight, factors(m), adapters))
+        up = torch.cat([m.lora_B[a].weight.detach() * m.scaling[a] for a in adapters], 1)  # [out, r]
+        down = torch.cat([m.lora_A[a].weight.detach() for a in adapters], 0)  # [r, in]
+        if m.fan_in_fan_out:  # PEFT's transpose(B @ A): the weight is (B @ A)^T = A^T @ B^T
+            up, down = down.T.contiguous(), up.T.contiguous()
+        deltas[name.removeprefix("base_model.model.") + ".weight"] = LowRank(
+            tuple(m.get_base_layer().weight.shape), up, down, 1.0)
     return deltas
 
 
@@ -864,6 +851,7 @@ def train_dpo_nll(model_path: str | Path, examples: list[dict], out_dir: str | P
         vocab = list(vocabulary_matrices(lm).values())
         lm = get_peft_model(lm, _peft_config(cfg))
         frozen_vocab = _frozen_vocabulary(lm, vocab)
+        del vocab  # (frozen_vocab keeps those it needs; the rest must not outlive the model)
     autocast = torch.autocast(acc.device.type, dtype=torch.bfloat16,
                               enabled=cfg.lora is None and dtype == torch.bfloat16)
     packed = 0
@@ -1004,9 +992,9 @@ def train_dpo_nll(model_path: str | Path, examples: list[dict], out_dir: str | P
     write_deltas = None
     if lm is not None:  # the main process
         plain = cfg.lora is not None and _plain_lora(lm)  # LoRA whose deltas are all there is to add
-        vocab = list(vocabulary_matrices(lm.get_base_model())) if plain else []
+        vocab_names = list(vocabulary_matrices(lm.get_base_model())) if plain else []
         deltas = _lora_deltas(lm) if plain else {}
-        if plain and _deltas_apply(model_path, deltas, vocab):  # no merge in memory, no serialisation
+        if plain and _deltas_apply(model_path, deltas, vocab_names):  # no merge in memory, no serialisation
             write_deltas = functools.partial(save_with_deltas, model_path, deltas=deltas)  # after the model is freed
         else:
             if plain and save_dtype.itemsize > dtype.itemsize:
@@ -1025,7 +1013,7 @@ def train_dpo_nll(model_path: str | Path, examples: list[dict], out_dir: str | P
         # Written after the model is freed (the save needs only the LoRA factors): the files'
         # pages and the save's buffer come on top of nothing that training held.
         files = _save_atomically(write_deltas, tokenizer, out_dir, Path(model_path))
-        saved = {k: [n for n in vocab if n in files[k]] for k in ("linked", "written")}
+        saved = {k: [n for n in vocab_names if n in files[k]] for k in ("linked", "written")}
     acc.wait_for_everyone()  # M_{t+1} is whole before any process returns
 
     summary = {
