@@ -147,11 +147,11 @@ def instrument_stages(timer: ModelTimer) -> dict[str, dict]:
     per_stage: dict[str, dict] = {}
     original = Loop._execute
 
-    def _execute(self, key, inputs, work, clear):
+    def _execute(self, key, *args, **kwargs):
         f0, b0 = timer.snapshot()
         t0 = time.perf_counter()
         try:
-            return original(self, key, inputs, work, clear)
+            return original(self, key, *args, **kwargs)
         finally:
             f1, b1 = timer.snapshot()
             per_stage[key] = {"wall": time.perf_counter() - t0, "forward": f1 - f0, "backward": b1 - b0}

@@ -56,6 +56,23 @@ def atomic_write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+def remove_stale_temporaries(outputs: Iterable[str | Path]) -> list[Path]:
+    """Remove the temporary files that atomic_write_bytes leaves when its process is killed
+    before the rename (`.<name>.<random>.tmp`): beside each output, and inside an output
+    folder. Called when an interrupted stage is resumed or redone, so no other process is
+    writing them. Returns what was removed."""
+    removed = []
+    for out in map(Path, outputs):
+        found = list(out.parent.glob(f".{out.name}.*.tmp")) if out.parent.is_dir() else []
+        if out.is_dir():
+            found += out.rglob(".*.tmp")
+        for p in found:
+            if p.is_file():
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
     """(line number, record) for each non-blank line; a malformed line is a RecordError."""
     path = Path(path)

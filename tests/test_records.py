@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from lidr.records import JsonlAppender, RecordError, atomic_write_json, load_records, read_jsonl
+from lidr.records import (JsonlAppender, RecordError, atomic_write_json, load_records, read_jsonl,
+                          remove_stale_temporaries)
 
 
 def test_torn_last_line_is_cut_and_ids_are_not_repeated(tmp_path):
@@ -69,3 +70,25 @@ def test_atomic_write_leaves_no_temporary_files(tmp_path):
     atomic_write_json(tmp_path / "s.json", {"a": 2})
     assert json.loads((tmp_path / "s.json").read_text()) == {"a": 2}
     assert [p.name for p in tmp_path.iterdir()] == ["s.json"]
+
+
+def test_a_killed_atomic_write_leaves_a_temporary_that_resume_removes(tmp_path):
+    """SIGKILL between the temporary file's write and its rename leaves `.<name>.<random>.tmp`;
+    remove_stale_temporaries (run when a stage is resumed) removes such files beside an output
+    file and inside an output folder, and nothing else."""
+    code = ("import os; from lidr import records\n"
+            "os.replace = lambda *a: os.kill(os.getpid(), 9)\n"
+            f"records.atomic_write_json({str(tmp_path / 'pairs.jsonl')!r}, {{'a': 1}})\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert proc.returncode == -9, proc.stderr
+    (left,) = tmp_path.glob(".pairs.jsonl.*.tmp")
+    folder = tmp_path / "translations"
+    (folder / "sub").mkdir(parents=True)
+    stale = folder / "sub" / ".es.jsonl.x1y2.tmp"
+    stale.write_text("{}")
+    kept = [tmp_path / "pairs.jsonl.tmp", tmp_path / ".other.jsonl.x.tmp", folder / "es.jsonl"]
+    for p in kept:
+        p.write_text("{}")
+    removed = remove_stale_temporaries([tmp_path / "pairs.jsonl", folder, tmp_path / "absent" / "x.jsonl"])
+    assert sorted(removed) == sorted([left, stale])
+    assert not left.exists() and not stale.exists() and all(p.exists() for p in kept)

@@ -123,6 +123,27 @@ def test_rerun_skips_and_changed_inputs_are_refused(reference: Path, tmp_path):
     assert "redoing" in r.stderr and (reference / "iter-1" / "pairs.jsonl").read_text() == before
 
 
+def test_a_resumed_stage_removes_a_killed_write_s_temporaries(reference: Path, tmp_path):
+    """A stage killed between an atomic write's temporary file and its rename leaves the
+    temporary; resuming the stage removes it (state.json's too) and redoes the stage."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(reference, run, ignore=lambda d, names: ["model", "train"] if d.endswith("iter-1") else [])
+    state = json.loads((run / "state.json").read_text())  # as if killed inside pairs
+    state["stages"]["iter-1/pairs"]["status"] = "running"
+    del state["stages"]["iter-1/train"]
+    (run / "state.json").write_text(json.dumps(state))
+    (run / "iter-1" / "pairs.jsonl").unlink()
+    stale = [run / "iter-1" / ".pairs.jsonl.k1ll3d.tmp", run / ".state.json.k1ll3d.tmp"]
+    for p in stale:
+        p.write_text('{"torn')
+    r = lidr("pairs", run, "--iteration", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "iter-1/pairs: resuming" in r.stderr and not any(p.exists() for p in stale)
+    assert (run / "iter-1" / "pairs.jsonl").read_text() == (reference / "iter-1" / "pairs.jsonl").read_text()
+
+
 def _wait_and_kill(proc: subprocess.Popen, ready, timeout: float = 600) -> bool:
     """SIGKILL `proc` once `ready()` holds; False if the process ended first."""
     end = time.time() + timeout

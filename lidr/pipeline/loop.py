@@ -20,7 +20,8 @@ from lidr.config import Config
 from lidr.console import console, progress
 from lidr.models import check_model_spec, libraries_frozen, resolve_model
 from lidr.prompts import PromptSet, check_enough, load_prompts, translation_task_ids
-from lidr.records import atomic_write_jsonl, atomic_write_json, digest, file_digest, load_records
+from lidr.records import (atomic_write_jsonl, atomic_write_json, digest, file_digest, load_records,
+                          remove_stale_temporaries)
 from lidr.rundir import STAGES, RunDir, State
 from lidr.templates import PromptFormat, choose_format
 
@@ -274,7 +275,7 @@ class Loop:
     def run_stage(self, t: int, stage: str) -> None:
         self._check_ready(t, stage)
         self._execute(f"iter-{t}/{stage}", self.inputs(t, stage), lambda: getattr(self, f"_{stage}")(t),
-                      clear=lambda: self._clear(t, stage))
+                      clear=lambda: self._clear(t, stage), outputs=self.run.outputs(t, stage))
 
     def run_eval(self, k: int) -> None:
         """Evaluate M_k (0 = the base model) as configured in `eval`."""
@@ -284,11 +285,15 @@ class Loop:
             rec = self.state.get(f"iter-{k}/train")
             if rec is None or rec["status"] != "done":
                 raise StageNotReady(f"{eval_key(k)} needs iter-{k}/train to be finished first")
-        self._execute(eval_key(k), self.eval_inputs(k), lambda: self._eval(k), clear=lambda: self._clear_eval(k))
+        self._execute(eval_key(k), self.eval_inputs(k), lambda: self._eval(k), clear=lambda: self._clear_eval(k),
+                      outputs=self.run.eval_outputs(k))
 
-    def _execute(self, key: str, inputs: dict, work, clear) -> None:
+    def _execute(self, key: str, inputs: dict, work, clear, outputs: list[Path]) -> None:
         """Skip a finished stage, resume an interrupted one, refuse (or with --force redo)
-        one whose inputs changed; record start, finish, seconds and summary in state.json."""
+        one whose inputs changed; record start, finish, seconds and summary in state.json.
+        A stage resumed or redone first loses the temporary files of a write that was killed
+        before its rename (state.json's too: this process is its only writer)."""
+        remove_stale_temporaries([self.state.path])
         rec = self.state.get(key)
         if rec is not None:
             changed = changed_inputs(rec["inputs"], inputs)
@@ -306,6 +311,7 @@ class Loop:
                 return
             else:  # interrupted, or finished with judgments to retry
                 console.print(f"[cyan]{key}: resuming[/]")
+            remove_stale_temporaries(outputs)
         self.state.start(key, inputs)
         started = time.time()
         summary = work()

@@ -38,7 +38,6 @@ import inspect
 import itertools
 import json
 import math
-import os
 import random
 import resource
 import shutil
@@ -1039,9 +1038,9 @@ def train_dpo_nll(model_path: str | Path, examples: list[dict], out_dir: str | P
         "out_dir": str(out_dir),
     }
     if acc.is_main_process:
-        tmp = log_dir / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
-        os.replace(tmp, log_dir / "summary.json")
+        from lidr.records import atomic_write_json
+
+        atomic_write_json(log_dir / "summary.json", summary)
     return summary
 
 
