@@ -444,6 +444,16 @@ def test_rows_leaving_the_batch_leave_the_others_cache_as_it_was(plain):
     assert again == [2, 1]  # row 2 took the place of row 0
     for layer, k in zip(cache.layers, keys):
         assert torch.equal(layer.keys, k[order][again]) and torch.equal(layer.values, -k[order][again])
+    # two rows move (row by row), three rows move (through index tensors)
+    for keep in ([0, 1, 6, 7], [0, 5, 6, 7]):
+        cache = DynamicCache()
+        keys = [torch.randn(8, 1, 5, 4) for _ in range(3)]
+        for i, k in enumerate(keys):
+            cache.update(k.clone(), -k, i)
+        order = _keep_rows(cache, keep, plain, torch.device("cpu"))
+        assert sorted(order) == keep and (not plain or order == [0, 5, 6, 7] or order == [0, 1, 6, 7])
+        for layer, k in zip(cache.layers, keys):
+            assert torch.equal(layer.keys, k[order]) and torch.equal(layer.values, -k[order])
 
 
 @pytest.mark.parametrize("window", [None, 12])
@@ -878,3 +888,42 @@ def test_bf16_greedy_choice_is_taken_blockwise_with_the_same_answers(tmp_path, m
         assert used and max(used) > 1
         monkeypatch.setattr(decode, "greedy_t", lambda w, h, *a: None)  # the full logits' argmax
         assert [g.text for g in b.generate(PROMPTS, max_new_tokens=12, repetition_penalty=penalty)] == blockwise
+
+
+@pytest.mark.slow
+def test_stop_strings_are_found_at_the_same_token_when_the_window_is_decoded_less():
+    """The decoder decodes a row's last tokens to look for its stop strings only after a token
+    whose own text could end one (`_may_end_a_stop`); with the real Gemma 3 tokenizer (byte
+    fallback for rare characters, special tokens) every text here stops at the same token as
+    when the window is decoded after every token, for stops that end in a letter, a colon, a
+    line break, a space, '>' or a character spelled in bytes (𓀀: four tokens that each decode
+    to U+FFFD alone)."""
+    from types import SimpleNamespace
+
+    from lidr.backends.decode import ContinuousDecoder
+    from lidr.models import load_tokenizer, resolve_model
+    from lidr.templates import OUT_CLOSE, SRC_OPEN
+
+    tok = load_tokenizer(resolve_model("gemma-3-270m"))
+    stop_sets = [["\nQuestion:", "\n\n\n"], ["\nPregunta:", "\n\n\n"], [OUT_CLOSE, SRC_OPEN], ["Answer: "], ["mundo"],
+                 ["é\n"], ["😀"], ["日本"], ["𓀀"], ["ꙮ!"]]
+    texts = ["Bread keeps best in a sealed box.\n\nQuestion: what", "Hola mundo\nPregunta: y",
+             "traducción </translation> más", "Answer: 42 and Answer:  7", "café\n\n\n\nfin",
+             "a 😀 smile 😀😀 and 日本語 text 日本", "<b>bold</b><translation>x</translation>",
+             "naïve résumé é\né", "ends with a colon: yes\nQuestion:", "glyphs 𓀀𐌰 then ꙮ! and 𓀀"]
+    probe = SimpleNamespace(tokenizer=tok, _pieces={}, _stop_ends={})
+    checked = 0
+    for stops in stop_sets:
+        window = 2 + max(len(tok(s, add_special_tokens=False).input_ids) for s in stops)
+        for text in texts:
+            ids = tok(text, add_special_tokens=False).input_ids + [tok.eos_token_id]
+
+            def found(n):
+                return any(s in tok.decode(ids[:n][-window:], skip_special_tokens=True) for s in stops)
+
+            every = next((n for n in range(1, len(ids) + 1) if found(n)), None)
+            fewer = next((n for n in range(1, len(ids) + 1)
+                          if ContinuousDecoder._may_end_a_stop(probe, ids[n - 1], stops) and found(n)), None)
+            assert fewer == every, (stops, text)
+            checked += every is not None
+    assert checked >= 10  # most texts do hold a stop
