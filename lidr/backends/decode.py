@@ -36,7 +36,6 @@ window; with any other cache the batch drains before the next one starts.
 
 from __future__ import annotations
 
-import copy
 import functools
 import inspect
 from collections import deque
@@ -594,8 +593,7 @@ class ContinuousDecoder:
                 cache, mask, ids = self.new_cache(), r_mask, r_ids
             else:
                 which = torch.tensor([prefix_of[i] for i in chunk], device=self.device)
-                cache = copy.deepcopy(p_cache)
-                cache.batch_select_indices(which)
+                cache = self._rows_of(p_cache, which)
                 mask, ids = torch.cat([p_mask[which], r_mask], 1), torch.cat([p_ids[which], r_ids], 1)
             seen = _penalty_ids(ids, mask)
             pos = _positions(mask)[:, mask.shape[1] - r_mask.shape[1]:]
@@ -604,6 +602,17 @@ class ContinuousDecoder:
 
         rows = [row for part in parts for row in part[0]]
         return rows, *_join([part[1:4] for part in parts]), torch.cat([part[4] for part in parts])
+
+    def _rows_of(self, cache, which: torch.Tensor):
+        """A new cache holding `cache`'s rows `which` (a row may repeat): each layer's rows
+        appended to an empty growing layer, so they land in a buffer with room for the rest of
+        the prompt and the answer. A deep copy of the prefix cache and then a row selection
+        copied every layer three times (the copy, the selection, and the next append into a
+        new buffer); this copies each once, through a small gather."""
+        rows = self.new_cache()
+        for source, layer in zip(cache.layers, rows.layers):
+            layer.update(source.keys.index_select(0, which), source.values.index_select(0, which))
+        return rows
 
     def _shared_prefixes(self, group: list[tuple[_Row, list[int]]]) -> list[tuple[int, list[int]]] | None:
         """(prefix length, group indices) per prefix to share; None when none is worth sharing.
