@@ -481,8 +481,8 @@ class ContinuousDecoder:
         """Can appending token `t` complete one of `stops` in the decoded text? A stop that was
         not in the last window's text and is in this one overlaps the new token's text, so it
         ends there: the token's text holds the stop's last character. Its text alone is decoded
-        once per token id; the window is decoded only where this says so (each decode of it cost
-        20-50 us a token and row; 0.15 s of the demo in py-spy's samples). Always true where the
+        once per token id; the window is decoded only where this says so (the demo's 3361 calls
+        of `_take` took 0.079 s decoding every time, 0.037 s this way). Always true where the
         text alone may differ from the text in context: a lone token that decodes to nothing or
         to U+FFFD (part of a character: byte fallback, byte-level BPE), and stops that end in
         a space or other white space but a line break (decoders strip leading spaces, and
