@@ -97,18 +97,22 @@ def save_model(model, out_dir: str | Path, *, source: str | Path | None = None,
 
 
 class LowRank(NamedTuple):
-    """A change of rank r to one stored 2-D tensor, `scale · up @ down` (LoRA's B @ A · α/r):
-    `save_with_deltas` adds it to the stored tensor in one matrix product (addmm), so no
-    full-size delta is ever made (400 MB for all of gemma-3-270m's LoRA layers in fp32).
-    up: [out, r], down: [r, in]."""
+    """A change of rank r to one stored 2-D tensor, `up @ down` (LoRA's B · α/r @ A): added to
+    the stored tensor in one matrix product (`add_to`), so no full-size delta is ever made (400 MB
+    for all of gemma-3-270m's LoRA layers in fp32). up: [out, r], down: [r, in]."""
     shape: tuple[int, ...]
     up: torch.Tensor
     down: torch.Tensor
-    scale: float
 
-    def compute(self) -> torch.Tensor:
-        """The full-size change, for a caller that adds it to a model in memory."""
-        return (self.up @ self.down) * self.scale
+    def add_to(self, stored: torch.Tensor) -> None:
+        """stored += up @ down, in place, computed in the wider of the two dtypes and rounded once
+        to the stored one (fp32 factors on bf16 weights: the sum in fp32)."""
+        wide = torch.promote_types(stored.dtype, self.up.dtype)
+        up, down = self.up.to(wide), self.down.to(wide)
+        if wide == stored.dtype:
+            stored.addmm_(up, down)
+        else:
+            stored.copy_(torch.addmm(stored.to(wide), up, down))
 
 
 def save_with_deltas(source: str | Path, out_dir: str | Path, deltas: dict[str, LowRank]) -> dict[str, list[str]]:
@@ -152,7 +156,7 @@ def save_with_deltas(source: str | Path, out_dir: str | Path, deltas: dict[str, 
                 merged = buffer[:end - start]
                 _read_exactly(src, merged, source / file)
                 merged = merged.view(_TORCH[header[name]["dtype"]]).view(deltas[name].shape)
-                _add_low_rank(merged, deltas[name])
+                deltas[name].add_to(merged)
                 out.write(memoryview(buffer[:end - start].numpy()))
         done["written"] += names
     for extra in ("config.json", "generation_config.json", INDEX):
@@ -176,17 +180,6 @@ def _copy_bytes(src, out, n: int, buffer: torch.Tensor) -> None:
         _read_exactly(src, chunk, Path(src.name))
         out.write(memoryview(chunk.numpy()))
         n -= chunk.numel()
-
-
-def _add_low_rank(stored: torch.Tensor, change: LowRank) -> None:
-    """stored += change, in place, computed in the wider of the two dtypes and rounded once to
-    the stored one (fp32 factors on bf16 weights: the sum in fp32)."""
-    wide = torch.promote_types(stored.dtype, change.up.dtype)
-    up, down = change.up.to(wide), change.down.to(wide)
-    if wide == stored.dtype:
-        stored.addmm_(up, down, alpha=change.scale)
-    else:
-        stored.copy_(torch.addmm(stored.to(wide), up, down, alpha=change.scale))
 
 
 def _header(path: Path) -> tuple[bytes, dict]:

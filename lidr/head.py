@@ -31,18 +31,24 @@ def logits_t(weight: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def penalized(logits: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """transformers' repetition penalty on the logits of tokens a row has seen: divided by the
+    row's factor, or multiplied where negative (RepetitionPenaltyLogitsProcessor)."""
+    return torch.where(logits < 0, logits * penalty, logits / penalty)
+
+
 def greedy_t(weight: torch.Tensor, h: torch.Tensor, seen: torch.Tensor | None = None,
              penalty: torch.Tensor | None = None) -> torch.Tensor | None:
     """Each row's greedy next token from `logits_t(weight, h)`: the argmax over the vocabulary of
     the logits in fp32, after transformers' repetition penalty where given (`penalty`, a column
     of per-row factors, on the ids in `seen` [rows, n]; `seen` is ignored without it), the
-    lowest id among equal logits. The
-    best of each block of vocabulary rows is taken while the block's logits are in cache: no
-    fp32 copy of the [vocab, rows] array and no strided reduction over it, 1.2-3.6x faster for
-    16-64 rows of gemma-3-270m's bf16 output layer (the same for 1-8). The blocks' products are
-    those of `logits_t` bit for bit, and the penalty is applied in fp32 to the same values as
-    decode.py's `_penalize`, so the choice is the same. None where a logit is NaN (the caller
-    takes the plain path, which has its own rule for that)."""
+    lowest id among equal logits. The best of each block of vocabulary rows is taken while the
+    block's logits are in cache: no fp32 copy of the [vocab, rows] array and no strided
+    reduction over it, 1.2-3.6x faster for 16-64 rows of gemma-3-270m's bf16 output layer (the
+    same for 1-8). The blocks' products are those of `logits_t` bit for bit, and `penalized`
+    applies the penalty in fp32 to the same values as decode.py's `_penalize`, so the choice is
+    the same. None where a logit is NaN (the caller takes the plain path, which has its own rule
+    for that)."""
     rows, vocab = len(h), weight.shape[0]
     if penalty is None:
         seen = None
@@ -59,7 +65,7 @@ def greedy_t(weight: torch.Tensor, h: torch.Tensor, seen: torch.Tensor | None = 
     if seen is not None:
         at = torch.arange(rows, device=h.device)[:, None].expand_as(seen)
         raw = logits[seen, at].float()
-        penalized = torch.where(raw < 0, raw * penalty, raw / penalty)
+        after = penalized(raw, penalty)
         logits[seen, at] = float("-inf")  # the unseen tokens' best from here
         redo = (ids[:, :, None] == seen[None]).any(-1).any(1)  # blocks whose best is a seen token
         for b in redo.nonzero()[:, 0].tolist():
@@ -71,10 +77,10 @@ def greedy_t(weight: torch.Tensor, h: torch.Tensor, seen: torch.Tensor | None = 
         return None
     if seen is None:
         return token
-    top = penalized.max(1).values
+    top = after.max(1).values
     if bool(top.isnan().any()):
         return None
-    top_id = torch.where(penalized == top[:, None], seen, vocab).min(1).values
+    top_id = torch.where(after == top[:, None], seen, vocab).min(1).values
     value = value.float()
     take_seen = (top > value) | ((top == value) & (top_id < token))
     return torch.where(take_seen, top_id, token)

@@ -27,11 +27,18 @@ def _file_mode() -> int:
     return 0o666 & ~mask
 
 
+def _temporary(path: Path) -> tuple[str, str]:
+    """The prefix and suffix of `atomic_write_bytes`'s temporary files for `path` (a random
+    part goes between), which `remove_stale_temporaries` looks for."""
+    return f".{path.name}.", ".tmp"
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write to a temporary file beside `path`, fsync, then rename over it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    prefix, suffix = _temporary(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=suffix)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -58,14 +65,15 @@ def atomic_write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
 
 def remove_stale_temporaries(outputs: Iterable[str | Path]) -> list[Path]:
     """Remove the temporary files that atomic_write_bytes leaves when its process is killed
-    before the rename (`.<name>.<random>.tmp`): beside each output, and inside an output
-    folder. Called when an interrupted stage is resumed or redone, so no other process is
+    before the rename (`_temporary`: `.<name>.<random>.tmp`): beside each output, and inside an
+    output folder. Called when an interrupted stage is resumed or redone, so no other process is
     writing them. Returns what was removed."""
     removed = []
     for out in map(Path, outputs):
-        found = list(out.parent.glob(f".{out.name}.*.tmp")) if out.parent.is_dir() else []
+        prefix, suffix = _temporary(out)
+        found = list(out.parent.glob(f"{prefix}*{suffix}")) if out.parent.is_dir() else []
         if out.is_dir():
-            found += out.rglob(".*.tmp")
+            found += out.rglob(f".*{suffix}")
         for p in found:
             if p.is_file():
                 p.unlink(missing_ok=True)

@@ -177,8 +177,8 @@ def _files(folder):
 def _low_rank(shape, rank, generator, scale=0.5):
     from lidr.checkpoint import LowRank
 
-    return LowRank(tuple(shape), torch.randn(shape[0], rank, generator=generator) * 1e-2,
-                   torch.randn(rank, shape[1], generator=generator) * 1e-2, scale)
+    return LowRank(tuple(shape), torch.randn(shape[0], rank, generator=generator) * 1e-2 * scale,
+                   torch.randn(rank, shape[1], generator=generator) * 1e-2)
 
 
 def test_save_with_deltas_adds_in_the_stored_dtype_and_links_the_rest(tiny, tmp_path):
@@ -204,8 +204,8 @@ def test_save_with_deltas_adds_in_the_stored_dtype_and_links_the_rest(tiny, tmp_
             assert torch.equal(w, before[name]), name
             continue
         d = deltas[name]
-        once = torch.addmm(before[name].float(), d.up, d.down, alpha=d.scale).bfloat16()  # rounded once
-        twice = (before[name].float() + d.compute().bfloat16().float()).bfloat16()  # the change rounded first
+        once = torch.addmm(before[name].float(), d.up, d.down).bfloat16()  # rounded once
+        twice = (before[name].float() + (d.up @ d.down).bfloat16().float()).bfloat16()  # the change rounded first
         assert w.dtype == torch.bfloat16 and torch.equal(w, once) and not torch.equal(w, before[name]), name
         assert not torch.equal(once, twice)  # (so the check above can tell them apart)
     from transformers import AutoModelForCausalLM
@@ -220,7 +220,7 @@ def test_save_with_deltas_adds_in_the_stored_dtype_and_links_the_rest(tiny, tmp_
 
 
 def test_fp32_weights_get_their_low_rank_change_in_fp32(tiny, tmp_path, monkeypatch):
-    """fp32 files: each changed tensor is W + scale · up @ down to fp32 rounding, the change
+    """fp32 files: each changed tensor is W + up @ down to fp32 rounding, the change
     really there; unchanged tensors (copied in many pieces here) keep their bits and the files
     their sizes."""
     import lidr.checkpoint as checkpoint
@@ -241,7 +241,7 @@ def test_fp32_weights_get_their_low_rank_change_in_fp32(tiny, tmp_path, monkeypa
         if name not in low:
             assert torch.equal(w, before[name]), name
             continue
-        want = before[name] + (low[name].up @ low[name].down) * low[name].scale
+        want = before[name] + low[name].up @ low[name].down
         assert (want - before[name]).abs().max() > 1e-5  # the change is there
         assert torch.allclose(w, want, rtol=0, atol=1e-6), name
 
@@ -256,6 +256,6 @@ def test_a_source_file_shorter_than_its_header_says_is_named(tiny, tmp_path):
     body.write_bytes(body.read_bytes()[:-64])  # a copy cut short
     name = "model.layers.1.mlp.down_proj.weight"
     shape = tuple(_load(tiny).get_parameter(name).shape)
-    delta = LowRank(shape, torch.zeros(shape[0], 2), torch.zeros(2, shape[1]), 1.0)
+    delta = LowRank(shape, torch.zeros(shape[0], 2), torch.zeros(2, shape[1]))
     with pytest.raises(ValueError, match=str(body)):
         save_with_deltas(src, tmp_path / "out", {name: delta})

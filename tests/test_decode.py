@@ -900,7 +900,7 @@ def test_stop_strings_are_found_at_the_same_token_when_the_window_is_decoded_les
     to U+FFFD alone)."""
     from types import SimpleNamespace
 
-    from lidr.backends.decode import ContinuousDecoder
+    from lidr.backends.decode import ContinuousDecoder, _Row
     from lidr.models import load_tokenizer, resolve_model
     from lidr.templates import OUT_CLOSE, SRC_OPEN
 
@@ -911,9 +911,11 @@ def test_stop_strings_are_found_at_the_same_token_when_the_window_is_decoded_les
              "traducción </translation> más", "Answer: 42 and Answer:  7", "café\n\n\n\nfin",
              "a 😀 smile 😀😀 and 日本語 text 日本", "<b>bold</b><translation>x</translation>",
              "naïve résumé é\né", "ends with a colon: yes\nQuestion:", "glyphs 𓀀𐌰 then ꙮ! and 𓀀"]
-    probe = SimpleNamespace(tokenizer=tok, _pieces={}, _stop_ends={})
-    checked = 0
+    probe = SimpleNamespace(tokenizer=tok, _pieces={})
+    checked = decoded = tokens = 0
     for stops in stop_sets:
+        ends = _Row("k", stops, 8, 1.0, []).stop_ends
+        assert (ends is None) == (stops == ["Answer: "])  # a stop ending in a space: every token
         window = 2 + max(len(tok(s, add_special_tokens=False).input_ids) for s in stops)
         for text in texts:
             ids = tok(text, add_special_tokens=False).input_ids + [tok.eos_token_id]
@@ -922,8 +924,11 @@ def test_stop_strings_are_found_at_the_same_token_when_the_window_is_decoded_les
                 return any(s in tok.decode(ids[:n][-window:], skip_special_tokens=True) for s in stops)
 
             every = next((n for n in range(1, len(ids) + 1) if found(n)), None)
-            fewer = next((n for n in range(1, len(ids) + 1)
-                          if ContinuousDecoder._may_end_a_stop(probe, ids[n - 1], stops) and found(n)), None)
+            may = [ContinuousDecoder._may_end_a_stop(probe, t, ends) for t in ids]
+            fewer = next((n for n in range(1, len(ids) + 1) if may[n - 1] and found(n)), None)
             assert fewer == every, (stops, text)
             checked += every is not None
+            if ends is not None:
+                tokens, decoded = tokens + len(ids), decoded + sum(may)
     assert checked >= 10  # most texts do hold a stop
+    assert decoded < tokens / 2  # and most tokens are not followed by a decode of the window

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from lidr import packed_linear
 from lidr.backends.gemma3_body import Gemma3Body
-from lidr.head import CHUNK, HalfHead, Int8Head, greedy_t, logits_t
+from lidr.head import CHUNK, HalfHead, Int8Head, greedy_t, logits_t, penalized
 
 
 @dataclass
@@ -111,6 +111,12 @@ class _Row:
     penalty: float
     prompt_ids: list[int]
     new: list[int] = field(default_factory=list)  # generated token ids
+    # the stops' last characters, or None where every token must be checked (`_may_end_a_stop`)
+    stop_ends: set[str] | None = field(init=False)
+
+    def __post_init__(self):
+        ends = {s[-1] for s in self.stops if s}
+        self.stop_ends = None if any(c.isspace() and c not in "\n\r" for c in ends) else ends
 
 
 class ContinuousDecoder:
@@ -125,7 +131,6 @@ class ContinuousDecoder:
 
         self.model, self.tokenizer, self.eos_ids = model, tokenizer, eos_ids
         self._pieces: dict[int, str] = {}  # token id -> its text alone (`_may_end_a_stop`)
-        self._stop_ends: dict[tuple, set | None] = {}  # stops -> their last characters (None: check always)
         self.pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
         self.device = next(model.parameters()).device
         self.new_cache = lambda: _growing(DynamicCache(config=model.config))
@@ -296,7 +301,7 @@ class ContinuousDecoder:
             hit = torch.zeros(len(h), n + 1, dtype=torch.bool, device=h.device)  # column n: seen ids not in tokens
             hit.scatter_(1, torch.where(tokens[at] == seen, at, n), True)
             hit = hit[:, :n]
-            logits = torch.where(hit, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+            logits = torch.where(hit, penalized(logits, penalty), logits)
         return logits
 
     def _checks_key(self) -> tuple:
@@ -470,28 +475,24 @@ class ContinuousDecoder:
         if t in self.eos_ids:
             return "stop"
         row.new.append(t)
-        if row.stops and self._may_end_a_stop(t, row.stops) and any(
+        if row.stops and self._may_end_a_stop(t, row.stop_ends) and any(
                 s in self.tokenizer.decode(row.new[-window:], skip_special_tokens=True) for s in row.stops):
             return "stop"
         if len(row.new) >= row.max_new_tokens:
             return "length"
         return None
 
-    def _may_end_a_stop(self, t: int, stops: list[str]) -> bool:
-        """Can appending token `t` complete one of `stops` in the decoded text? A stop that was
-        not in the last window's text and is in this one overlaps the new token's text, so it
-        ends there: the token's text holds the stop's last character. Its text alone is decoded
-        once per token id; the window is decoded only where this says so (the demo's 3361 calls
-        of `_take` took 0.079 s decoding every time, 0.037 s this way). Always true where the
-        text alone may differ from the text in context: a lone token that decodes to nothing or
-        to U+FFFD (part of a character: byte fallback, byte-level BPE), and stops that end in
-        a space or other white space but a line break (decoders strip leading spaces, and
-        transformers' clean-up drops spaces before punctuation)."""
-        key = tuple(stops)
-        if key not in self._stop_ends:
-            last = {s[-1] for s in stops if s}
-            self._stop_ends[key] = None if any(c.isspace() and c not in "\n\r" for c in last) else last
-        ends = self._stop_ends[key]
+    def _may_end_a_stop(self, t: int, ends: set[str] | None) -> bool:
+        """Can appending token `t` complete a stop string whose last characters are `ends`
+        (`_Row.stop_ends`)? A stop that was not in the last window's text and is in this one
+        overlaps the new token's text, so it ends there: the token's text holds the stop's last
+        character. Its text alone is decoded once per token id; the window is decoded only where
+        this says so (the demo's 3361 calls of `_take` took 0.079 s decoding every time, 0.037 s
+        this way). Always true where the text alone may differ from the text in context: a lone
+        token that decodes to nothing or to U+FFFD (part of a character: byte fallback,
+        byte-level BPE), and (`ends` None) stops that end in a space or other white space but a
+        line break (decoders strip leading spaces, and transformers' clean-up drops spaces before
+        punctuation)."""
         if ends is None:
             return True
         piece = self._pieces.get(t)
@@ -809,18 +810,19 @@ def _keep_rows(cache, keep: list[int], plain: bool, device) -> list[int]:
     pairs = list(zip(free, moved))  # to < m <= fro: the rows do not overlap
     # One or two rows move (most often one row leaves): a row copy each, 0.5 ms for the demo's
     # 18 layers against 1.5 ms through index tensors (index + index_put per layer and tensor).
-    one_by_one = len(pairs) <= 2
-    to, fro = torch.tensor(free, device=device), torch.tensor(moved, device=device)
+    by_index = len(pairs) > 2
+    if by_index:
+        to, fro = torch.tensor(free, device=device), torch.tensor(moved, device=device)
     for layer in cache.layers:
         if layer.keys is None or layer.keys.numel() == 0:
             continue
-        if one_by_one:
+        if by_index:
+            layer.keys[to] = layer.keys[fro]
+            layer.values[to] = layer.values[fro]
+        else:
             for a, b in pairs:
                 layer.keys[a].copy_(layer.keys[b])
                 layer.values[a].copy_(layer.values[b])
-        elif pairs:
-            layer.keys[to] = layer.keys[fro]
-            layer.values[to] = layer.values[fro]
         layer.keys, layer.values = layer.keys[:m], layer.values[:m]
     return order
 
@@ -877,8 +879,7 @@ def _penalty_ids(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def _penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> None:
     """transformers' RepetitionPenaltyLogitsProcessor, per row, in place: a token already in
     the row has its logit divided by the row's penalty (multiplied, if negative)."""
-    s = logits.gather(1, seen)
-    logits.scatter_(1, seen, torch.where(s < 0, s * penalty, s / penalty))
+    logits.scatter_(1, seen, penalized(logits.gather(1, seen), penalty))
 
 
 def _choose(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor | None) -> torch.Tensor:

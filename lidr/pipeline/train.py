@@ -659,7 +659,9 @@ def merge_lora_into_stored(deltas: dict, model_path: str | Path, stored: torch.d
     for name, delta in deltas.items():
         module, _, attr = name.rpartition(".")
         target = lm.get_submodule(module)
-        setattr(target, attr, nn.Parameter(getattr(target, attr) + delta.compute().to(stored), requires_grad=False))
+        weight = getattr(target, attr).detach().clone()  # (the loaded one is the file's memory map)
+        delta.add_to(weight)
+        setattr(target, attr, nn.Parameter(weight, requires_grad=False))
     return lm
 
 
@@ -680,8 +682,8 @@ def _lora_deltas(model) -> dict:
         down = torch.cat([m.lora_A[a].weight.detach() for a in adapters], 0)  # [r, in]
         if m.fan_in_fan_out:  # PEFT's transpose(B @ A): the weight is (B @ A)^T = A^T @ B^T
             up, down = down.T.contiguous(), up.T.contiguous()
-        deltas[name.removeprefix("base_model.model.") + ".weight"] = LowRank(
-            tuple(m.get_base_layer().weight.shape), up, down, 1.0)
+        shape = tuple(m.get_base_layer().weight.shape)
+        deltas[name.removeprefix("base_model.model.") + ".weight"] = LowRank(shape, up, down)
     return deltas
 
 
