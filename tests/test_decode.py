@@ -568,6 +568,60 @@ def test_join_writes_growing_layers_once(window, lengths):
     assert [layer.keys.data_ptr() for layer in grown.layers] == buffers  # no copy after the join
 
 
+@pytest.mark.parametrize("placed", [(True, True, True), (True, False, True)])
+def test_prefill_chunks_written_in_place_join_without_a_copy(placed, monkeypatch):
+    """A prefill's chunks, each given its rows of the group's buffers (`_JointBuffers`), write
+    their keys and values where the join puts them: `_join` then returns views of those buffers,
+    with the pads in front of the shorter chunks zeroed (the buffers start as garbage, here
+    NaN), equal to the copying join. A chunk that was not placed (its own buffers) makes the
+    join copy as before, with the same result."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    import lidr.backends.decode as decode
+
+    buffer = decode._buffer
+    monkeypatch.setattr(decode, "_buffer", lambda *a: buffer(*a).fill_(float("nan")))
+
+    def make():
+        cache = DynamicCache()
+        cache.layers = [DynamicLayer(), DynamicSlidingWindowLayer(sliding_window=64)]
+        return decode._growing(cache)
+
+    def left_pad(t, length):
+        return torch.cat([t.new_zeros(*t.shape[:2], length - t.shape[2], *t.shape[3:]), t], 2)
+
+    torch.manual_seed(0)
+    chunks = [(2, 3, 4), (3, 3, 6), (1, 3, 9)]  # rows, prefix positions, rest positions
+    length = max(p + r for _, p, r in chunks)
+    joint = decode._JointBuffers(sum(n for n, _, _ in chunks), length)
+    parts, states, row = [], [], 0
+    for (n, p, r), place in zip(chunks, placed):
+        cache = make()
+        if place:
+            joint.place(cache, row, p + r)
+        kv = [torch.randn(n, 1, p + r, 4) for _ in range(2)]
+        for i in range(2):  # the shared prefix's rows, then the rest's forward
+            cache.update(kv[0][:, :, :p], kv[1][:, :, :p], i)
+            cache.update(kv[0][:, :, p:], kv[1][:, :, p:], i)
+        mask, seen = torch.ones(n, p + r, dtype=torch.long), torch.randint(0, 50, (n, p + r))
+        parts.append((cache, mask, seen))
+        states.append(kv)
+        row += n
+    joined, _, _ = decode._join(parts)
+    want = [torch.cat([left_pad(kv[j], length) for kv in states]) for j in range(2)]
+    for i, layer in enumerate(joined.layers):
+        assert torch.equal(layer.keys, want[0]) and torch.equal(layer.values, want[1])
+        in_joint = layer.keys.data_ptr() == joint.buffers[i][0].data_ptr()
+        assert in_joint == all(placed)  # no copy where every chunk wrote in place
+    k, v = torch.randn(6, 1, 1, 4), torch.randn(6, 1, 1, 4)
+    before = [layer.keys.data_ptr() for layer in joined.layers]
+    for i in range(2):  # the next step appends into the same buffers
+        got = joined.update(k, v, i)
+        assert torch.equal(got[0], torch.cat([want[0], k], 2)) and torch.equal(got[1], torch.cat([want[1], v], 2))
+    assert [layer.keys.data_ptr() for layer in joined.layers] == before
+
+
 @pytest.mark.parametrize("penalty", [1.0, 1.3])
 def test_int8_screened_output_layer_gives_the_same_tokens(backend, penalty, monkeypatch):
     """Steps of several rows with the int8 screen (lidr/head.py, Int8Head) choose what the fp32

@@ -585,16 +585,24 @@ class ContinuousDecoder:
         fits = self.window is None or (self.window and max(len(t) for _, t in group) < self.window - 1)
         order = sorted(range(len(group)), key=lambda i: len(rest[i]))
         bounds = _chunk_bounds([len(rest[i]) for i in order], PREFILL_ROWS) if fits else [(0, len(group))]
+        # Each chunk's cache is written straight into its rows of buffers for the whole group,
+        # where the join wants it (right-aligned to the longest chunk), so the join only zeroes
+        # the pads: a copy of every chunk's cache less (`_JointBuffers`).
+        prefix_width = 0 if p_mask is None else p_mask.shape[1]
+        joint = _JointBuffers(len(group), prefix_width + len(rest[order[-1]])) if len(bounds) > 1 else None
         parts = []
         for start, end in bounds:
             chunk = order[start:end]
             rows = [group[i][0] for i in chunk]
             r_ids, r_mask = _left_pad([rest[i] for i in chunk], self.pad_id, self.device)
+            cache = self.new_cache()
+            if joint is not None:
+                joint.place(cache, start, prefix_width + r_mask.shape[1])
             if p_cache is None:
-                cache, mask, ids = self.new_cache(), r_mask, r_ids
+                mask, ids = r_mask, r_ids
             else:
                 which = torch.tensor([prefix_of[i] for i in chunk], device=self.device)
-                cache = self._rows_of(p_cache, which)
+                self._rows_of(p_cache, which, cache)
                 mask, ids = torch.cat([p_mask[which], r_mask], 1), torch.cat([p_ids[which], r_ids], 1)
             seen = _penalty_ids(ids, mask)
             pos = _positions(mask)[:, mask.shape[1] - r_mask.shape[1]:]
@@ -604,16 +612,15 @@ class ContinuousDecoder:
         rows = [row for part in parts for row in part[0]]
         return rows, *_join([part[1:4] for part in parts]), torch.cat([part[4] for part in parts])
 
-    def _rows_of(self, cache, which: torch.Tensor):
-        """A new cache holding `cache`'s rows `which` (a row may repeat): each layer's rows
-        appended to an empty growing layer, so they land in a buffer with room for the rest of
-        the prompt and the answer. A deep copy of the prefix cache and then a row selection
-        copied every layer three times (the copy, the selection, and the next append into a
-        new buffer); this copies each once, through a small gather."""
-        rows = self.new_cache()
-        for source, layer in zip(cache.layers, rows.layers):
+    @staticmethod
+    def _rows_of(cache, which: torch.Tensor, into) -> None:
+        """`cache`'s rows `which` (a row may repeat) into the empty growing cache `into`: each
+        layer's rows appended, so they land in a buffer with room for the rest of the prompt
+        and the answer. A deep copy of the prefix cache and then a row selection copied every
+        layer three times (the copy, the selection, and the next append into a new buffer);
+        this copies each once, through a small gather."""
+        for source, layer in zip(cache.layers, into.layers):
             layer.update(source.keys.index_select(0, which), source.values.index_select(0, which))
-        return rows
 
     def _shared_prefixes(self, group: list[tuple[_Row, list[int]]]) -> list[tuple[int, list[int]]] | None:
         """(prefix length, group indices) per prefix to share; None when none is worth sharing.
@@ -706,6 +713,9 @@ def _grow_into(layer, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.T
     n = old_k.shape[-2] if old_k is not None and old_k.numel() else 0
     total = n + keys.shape[-2]
     buf = getattr(layer, "_buffers", None)
+    if buf is None and not n and getattr(layer, "_place", None) is not None:  # its rows of a group's buffers
+        buf = layer._buffers = layer._place(keys, values)
+        layer._place = None
     if not (buf is not None and _holds(buf[0], keys, total) and _holds(buf[1], values, total)
             and (n == 0 or _starts(old_k, buf[0]) and _starts(old_v, buf[1]))):
         new = (_buffer(keys, len(keys), total), _buffer(values, len(values), total))
@@ -768,12 +778,64 @@ def _layer_classes():
     return GrowingLayer, GrowingSlidingLayer
 
 
+class _JointBuffers:
+    """Buffers for a whole prefill group's KV cache, `rows` rows and `length` positions (and
+    room to grow, as `_buffer` gives), made per layer at its first write. `place(cache, row,
+    width)` gives the layers of a chunk's empty cache, `width` positions wide, its rows of them
+    from `row` on, right-aligned to `length`: the chunk's prefill writes its keys and values
+    where `_stacked` joins them, and the join only zeroes the pads in front."""
+
+    def __init__(self, rows: int, length: int):
+        self.rows, self.length = rows, length
+        self.buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def place(self, cache, row: int, width: int) -> None:
+        for i, layer in enumerate(cache.layers):
+            layer._place = functools.partial(self._views, i, row, self.length - width)
+            layer._slot = (self, i, row, self.length - width)
+
+    def _views(self, i: int, row: int, start: int, keys: torch.Tensor, values: torch.Tensor):
+        if i not in self.buffers:
+            self.buffers[i] = (_buffer(keys, self.rows, self.length), _buffer(values, self.rows, self.length))
+        return tuple(b[row:row + len(keys), :, start:] for b in self.buffers[i])
+
+
+def _in_place(layers: list, length: int):
+    """The buffers the layers' keys and values already sit in as `_stacked` would put them
+    (`_JointBuffers`: rows one layer after another, right-aligned to `length`), else None."""
+    slots = [getattr(layer, "_slot", None) for layer in layers]
+    if slots[0] is None or slots[0][1] not in slots[0][0].buffers:
+        return None
+    joint, i = slots[0][:2]
+    buffers, row = joint.buffers[i], 0
+    for layer, slot in zip(layers, slots):
+        start = length - layer.keys.shape[2]
+        if slot != (joint, i, row, start):
+            return None
+        for t, buf in zip((layer.keys, layer.values), buffers):
+            if not (t.data_ptr() == buf[row, :, start].data_ptr() and t.stride() == buf.stride()
+                    and t.shape[1::2] == buf.shape[1::2]):
+                return None
+        row += len(layer.keys)
+    return buffers if row == len(buffers[0]) else None
+
+
 def _stacked(layers: list, length: int):
     """The layers' keys and values, their rows one group after another, each left-padded with
     zeros to `length` positions, written once into new buffers with room to grow (as
     `_grow_into` makes them): (keys, values) as views of the buffers, and the buffers. A
     `torch.cat` of padded copies made two copies of the whole cache, and the next step a third,
-    into a buffer."""
+    into a buffer. Where they were written in place already (`_JointBuffers`), only the pads
+    are zeroed."""
+    buffers = _in_place(layers, length)
+    if buffers is not None:
+        row = 0
+        for layer in layers:
+            layer._slot = None
+            for buf in buffers:
+                buf[row:row + len(layer.keys), :, :length - layer.keys.shape[2]] = 0
+            row += len(layer.keys)
+        return tuple(buf[:, :, :length] for buf in buffers), buffers
     views, buffers = [], []
     for name in ("keys", "values"):
         states = [getattr(layer, name) for layer in layers]
