@@ -124,6 +124,43 @@ def test_recorded_added_tokens_load_the_same_tokenizer(fresh, tmp_path):
     assert new.all_special_tokens == old.all_special_tokens and len(new) == len(old)
 
 
+def test_compacted_tokenizer_file_loads_the_same_tokenizer(fresh, tmp_path):
+    """The embedded model's real tokenizer.json as `save_pretrained` writes it (indented, with
+    \\u escapes) and compacted by `_compact_tokenizer`: a smaller file, the same JSON, the same
+    tokenizer; a compact file is left as it is."""
+    import json
+
+    from lidr.models import _compact_tokenizer, resolve_model
+
+    source = resolve_model("gemma-3-270m")
+    content = json.loads((source / "tokenizer.json").read_text(encoding="utf-8"))
+    before, after = tmp_path / "before", tmp_path / "after"
+    for folder in (before, after):
+        folder.mkdir()
+        for name in ("tokenizer_config.json", "config.json"):
+            shutil.copyfile(source / name, folder / name)
+        (folder / "tokenizer.json").write_text(json.dumps(content, indent=2), encoding="utf-8")
+    _compact_tokenizer(after)
+    size = (after / "tokenizer.json").stat().st_size
+    assert size < 0.6 * (before / "tokenizer.json").stat().st_size
+    assert json.loads((after / "tokenizer.json").read_text(encoding="utf-8")) == content
+    stamp = (after / "tokenizer.json").stat().st_mtime_ns
+    _compact_tokenizer(after)  # compact already: left alone
+    assert (after / "tokenizer.json").stat().st_mtime_ns == stamp
+
+    old, new = load_tokenizer(before), load_tokenizer(after)
+    assert new is not old
+    texts = ["Hello world", "  two  spaces\n\nand lines\t", "<start_of_turn>user\nHi<end_of_turn>",
+             "Ünïcödé, Привет, 数学の問題: 3+4=?", "🙂 emoji 𓀀", "<unused42> [multimodal]"]
+    for text in texts:
+        for special in (True, False):
+            ids = new(text, add_special_tokens=special).input_ids
+            assert ids == old(text, add_special_tokens=special).input_ids
+            assert new.decode(ids) == old.decode(ids)
+    assert {i: repr(t) for i, t in new.added_tokens_decoder.items()} == {i: repr(t) for i, t in old.added_tokens_decoder.items()}
+    assert new.get_vocab() == old.get_vocab() and type(new) is type(old)
+
+
 def test_libraries_stay_frozen_for_the_block_only():
     """`lidr run` freezes what is alive after the imports (gc skips it) and gives it back to the
     collector when the run ends; garbage made inside is still collected, and a freeze made by
