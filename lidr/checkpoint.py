@@ -26,7 +26,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 
@@ -115,13 +115,16 @@ class LowRank(NamedTuple):
             stored.copy_(torch.addmm(stored.to(wide), up, down))
 
 
-def save_with_deltas(source: str | Path, out_dir: str | Path, deltas: dict[str, LowRank]) -> dict[str, list[str]]:
+def save_with_deltas(source: str | Path, out_dir: str | Path, deltas: dict[str, LowRank],
+                     on_merged: Callable[[str, torch.Tensor], None] | None = None) -> dict[str, list[str]]:
     """The safetensors model folder `source` again in `out_dir`, with `deltas[name]` added to those
     tensors in the dtype each is stored in: a LoRA merge into the weights as stored, without
     loading the model. A file that holds no changed tensor is linked (lidr's embedding file);
     the others are written with the same header and layout, each tensor read from the
     source, the changed ones as `stored + delta`. config.json and
-    generation_config.json are copied. Returns the tensor names in linked and in written files.
+    generation_config.json are copied. `on_merged(name, tensor)` sees each changed tensor as
+    written (in a buffer used again after the call). Returns the tensor names in linked and in
+    written files.
     KeyError (before anything is written) for a delta whose tensor the folder does not hold, or
     holds in another shape or in a dtype other than fp32, bf16, fp16, fp64."""
 
@@ -157,6 +160,8 @@ def save_with_deltas(source: str | Path, out_dir: str | Path, deltas: dict[str, 
                 _read_exactly(src, merged, source / file)
                 merged = merged.view(_TORCH[header[name]["dtype"]]).view(deltas[name].shape)
                 deltas[name].add_to(merged)
+                if on_merged is not None:
+                    on_merged(name, merged)
                 out.write(memoryview(buffer[:end - start].numpy()))
         done["written"] += names
     for extra in ("config.json", "generation_config.json", INDEX):

@@ -475,6 +475,60 @@ def test_training_takes_the_generation_engines_model(tiny, tmp_path, monkeypatch
                       take_model=lambda: HFBackend(tiny, dtype="float32", device="cpu").take_model())
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_training_hands_over_the_model_it_saved(tiny, tmp_path, dtype):
+    """A model taken from the engine and trained with LoRA is handed over (`hand_over`) as
+    loading the folder training wrote gives it: the same weights bit for bit (fp32 files; bf16
+    rounds them as loading does), config, class, eval mode, no adapters left, the output
+    layer's hook, and the same generations. Not handed over when the model came from the files
+    or with gradient checkpointing."""
+    from lidr.backends.hf import HFBackend
+    from lidr.checkpoint import save_model
+    from lidr.models import copy_tokenizer, load_model
+
+    # M_t as lidr writes it (the embedding in a file of its own), so that training adds the deltas to it
+    save_model(load_model(tiny, dtype="float32", device="cpu"), tmp_path / "m0")
+    copy_tokenizer(tiny, tmp_path / "m0")
+    tiny = tmp_path / "m0"
+    prompts = [EXAMPLES[0]["prompt"], EXAMPLES[1]["prompt"], EXAMPLES[2]["prompt"]]
+    cfg = _cfg(learning_rate=1e-2, epochs=2, batch_size=2, lora=LoraConfig(r=8, alpha=16), dtype=dtype)
+    backend = HFBackend(tiny, dtype=dtype, device="cpu")
+    backend.generate(prompts, max_new_tokens=6)  # (the decoder packs its layers)
+    held, handed = [backend.take_model()], []
+    train_dpo_nll(tiny, EXAMPLES, tmp_path / "m1", cfg, seed=0, log_dir=tmp_path / "log",
+                  take_model=held.pop, hand_over=handed.append)
+    assert len(handed) == 1
+    model, fresh = handed[0], load_model(tmp_path / "m1", dtype=dtype, device="cpu")
+    assert type(model) is type(fresh) and model.dtype == fresh.dtype
+    mine, theirs = model.state_dict(), fresh.state_dict()
+    assert mine.keys() == theirs.keys() and not any("lora" in k for k in mine)
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert not any(m.training for m in model.modules())
+    config = lambda m: {k: v for k, v in m.config.to_dict().items() if k != "_name_or_path"}  # noqa: E731
+    assert config(model) == config(fresh)
+    head_hooks = lambda m: [h.__name__ for h in m.get_output_embeddings()._forward_pre_hooks.values()]  # noqa: E731
+    assert head_hooks(model) == head_hooks(fresh) != []
+    after = [g.text for g in HFBackend(tmp_path / "m1", dtype=dtype, device="cpu").generate(prompts, max_new_tokens=6)]
+    given = HFBackend(tmp_path / "m1", dtype=dtype, device="cpu", model=model)
+    assert given.model is model
+    assert [g.text for g in given.generate(prompts, max_new_tokens=6)] == after
+    assert not any("_lidr_packed" in vars(m) for m in model.modules()) or given.decoder.packed_layers
+    ids = torch.tensor([given.tokenizer(prompts[0]).input_ids])
+    with torch.inference_mode():  # the forward as the decoder packed it, against the files' model packed alike
+        other = HFBackend(tmp_path / "m1", dtype=dtype, device="cpu")
+        assert given.decoder.packed_layers == other.decoder.packed_layers
+        assert torch.equal(given.model(ids).logits, other.model(ids).logits)
+    m0 = load_model(tiny, dtype=dtype, device="cpu").state_dict()
+    assert sum(not torch.equal(mine[k], m0[k]) for k in mine) >= 4  # trained: the LoRA layers' weights changed
+
+    handed.clear()  # from the files, and with gradient checkpointing: nothing to hand over
+    train_dpo_nll(tiny, EXAMPLES, tmp_path / "m2", cfg, seed=0, log_dir=tmp_path / "log2", hand_over=handed.append)
+    held = [HFBackend(tiny, dtype=dtype, device="cpu").take_model()]
+    train_dpo_nll(tiny, EXAMPLES, tmp_path / "m3", _cfg(**{**cfg.model_dump(), "gradient_checkpointing": True}),
+                  seed=0, log_dir=tmp_path / "log3", take_model=held.pop, hand_over=handed.append)
+    assert handed == []
+
+
 def test_a_tokenizer_without_its_json_is_not_copied(tiny, tmp_path):
     from lidr.models import copy_tokenizer
 

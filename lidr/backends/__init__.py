@@ -13,12 +13,13 @@ __all__ = ["Generation", "HFBackend", "Request", "make_backend", "run_batched"]
 
 
 def make_backend(name: str, model_path, dtype: str = "auto", trust_remote_code: bool = False, *,
-                 server=None, vllm=None, cpu_packed_weights: bool = True):
+                 server=None, vllm=None, cpu_packed_weights: bool = True, model=None):
     """`model_path`: the local model (hf, vllm), or the local model whose tokenizer formats
     prompts for the server (openai). Engines other than hf are imported only when chosen.
-    `cpu_packed_weights`: hf on a CPU, see HFBackend."""
+    `cpu_packed_weights`, `model` (that folder's model in memory): hf, see HFBackend."""
     if name == "hf":
-        return HFBackend(model_path, dtype=dtype, trust_remote_code=trust_remote_code, packed_weights=cpu_packed_weights)
+        return HFBackend(model_path, dtype=dtype, trust_remote_code=trust_remote_code, packed_weights=cpu_packed_weights,
+                         model=model)
     if name == "openai":
         from lidr.backends.openai import OpenAIBackend
 

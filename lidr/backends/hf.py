@@ -10,7 +10,7 @@ import torch
 
 from lidr import packed_linear
 from lidr.backends.decode import ContinuousDecoder, Generation, Request
-from lidr.models import default_device, load_model, load_tokenizer, release_memory
+from lidr.models import default_device, load_model, load_tokenizer, pick_dtype, release_memory
 
 __all__ = ["Generation", "HFBackend"]
 
@@ -21,13 +21,20 @@ class HFBackend:
     name = "hf"
 
     def __init__(self, model_path: str | Path, dtype: str = "auto", device: str | None = None,
-                 trust_remote_code: bool = False, packed_weights: bool = True):
+                 trust_remote_code: bool = False, packed_weights: bool = True, model=None):
         """`packed_weights`: on a CPU, fp32 linear layers run through oneDNN with weights
         reordered once (faster decoding steps; one more copy of the weights in memory, +1.06 GB
-        RSS for gemma-3-270m; skipped when twice that is not free); see lidr/backends/decode.py."""
+        RSS for gemma-3-270m; skipped when twice that is not free); see lidr/backends/decode.py.
+        `model`: the model at `model_path` in memory, as `load_model` gives it (training's M_t+1:
+        lidr/pipeline/train.py, `hand_over`), used where it has the device and dtype a load
+        would give, instead of loading the files."""
         self.device = device or default_device()
         self.tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
-        self.model = load_model(model_path, dtype=dtype, device=self.device, trust_remote_code=trust_remote_code)
+        if model is not None and (model.device.type != torch.device(self.device).type
+                                  or model.dtype != pick_dtype(dtype, self.device)):
+            model = None
+        self.model = model if model is not None else load_model(
+            model_path, dtype=dtype, device=self.device, trust_remote_code=trust_remote_code)
         self.model.requires_grad_(False)  # generation and scoring only
         self.eos_ids = self._eos_ids()
         self.decoder = ContinuousDecoder(self.model, self.tokenizer, self.eos_ids, packed_weights=packed_weights)

@@ -116,14 +116,14 @@ def describe(cfg: TrainingConfig) -> str:
 
 def train(model_path: str | Path, examples: list[dict], out_dir: str | Path, cfg: TrainingConfig, seed: int,
           log_dir: str | Path, progress: Callable[[int, int, dict], None] | None = None,
-          take_model: Callable | None = None) -> dict:
+          take_model: Callable | None = None, hand_over: Callable | None = None) -> dict:
     """Stage 4, in process or under accelerate launch (same arguments and result as train_dpo_nll;
-    `take_model` only where `takes_model` says so)."""
+    `take_model` only where `takes_model` says so; `hand_over` is not called under a launch)."""
     if not launched(cfg):
         from lidr.pipeline.train import train_dpo_nll
 
         return train_dpo_nll(model_path, examples, out_dir, cfg, seed=seed, log_dir=log_dir, progress=progress,
-                             take_model=take_model)
+                             take_model=take_model, hand_over=hand_over)
     if take_model is not None:
         raise ValueError("train: a model in memory cannot go to processes under accelerate launch")
     return train_launched(model_path, examples, out_dir, cfg, seed, log_dir, progress)

@@ -606,6 +606,30 @@ def _save_atomically(write: Callable[[Path], dict], tokenizer, out_dir: Path, so
     return files
 
 
+def _handed_model(lm, deltas: dict) -> tuple[nn.Module, Callable[[str, torch.Tensor], None]] | None:
+    """The trained PEFT model `lm` made into M_{t+1} as loading its files will give it: its
+    adapters taken out without merging (`unload`: the base layers, frozen and as M_t was
+    loaded), in eval mode, and a `save_with_deltas` callback that copies each merged weight,
+    as stored, into its parameter (rounded to the model's dtype as loading rounds it). None,
+    where a delta has no parameter of its name and shape. Layers the decoder packed for the
+    forward are unpacked: their copies hold M_t's weights (training packs fp32 layers only,
+    and unpacks only those), and the next decoder packs M_t+1's."""
+    from lidr import packed_linear
+
+    base = lm.unload()
+    packed_linear.unpack(base)
+    weights = {name: p for name, p in base.named_parameters() if name in deltas}
+    if any(name not in weights or tuple(weights[name].shape) != tuple(d.shape) for name, d in deltas.items()):
+        return None
+    base.eval()
+
+    def copy_merged(name: str, merged: torch.Tensor) -> None:
+        with torch.no_grad():
+            weights[name].copy_(merged)
+
+    return base, copy_merged
+
+
 def _frozen_vocabulary(lm: nn.Module, vocab: list[torch.Tensor]) -> list[torch.Tensor]:
     """Of the vocabulary matrices `vocab` (as loaded), those training and the LoRA merge leave
     as they are: frozen, and not the base weight of a LoRA layer (a merge adds into it; a tied
@@ -782,7 +806,8 @@ def _consolidated_lm(acc, policy, model_path, cfg: TrainingConfig):
 def train_dpo_nll(model_path: str | Path, examples: list[dict], out_dir: str | Path, cfg: TrainingConfig,
                   seed: int, log_dir: str | Path,
                   progress: Callable[[int, int, dict], None] | None = None,
-                  take_model: Callable[[], nn.Module] | None = None) -> dict:
+                  take_model: Callable[[], nn.Module] | None = None,
+                  hand_over: Callable[[nn.Module], None] | None = None) -> dict:
     """Train the model at model_path on examples ({"prompt", "chosen", "rejected"}: fully rendered
     text) with DPO + NLL; save the result (LoRA merged) with its tokenizer to out_dir; write
     log_dir/metrics.jsonl (one line per optimizer step) and log_dir/summary.json. Returns the summary.
@@ -793,6 +818,12 @@ def train_dpo_nll(model_path: str | Path, examples: list[dict], out_dir: str | P
     again. Called where the files would be loaded, so that training holds the only reference (and
     frees the model before it returns). It saves the closing of the engine, the load and the
     forward's packing: 0.75 s against 1.48 s for gemma-3-270m (bench/fixed_costs.py, round 16).
+
+    `hand_over`: where the model was taken and LoRA's deltas are added to the files as stored
+    (`checkpoint.save_with_deltas`), it is called with M_{t+1} as loading out_dir gives it: the
+    model trained, its adapters taken out and each changed weight copied from the merge as it is
+    written, so that the next stage need not load those files again (`_handed_model`). Not
+    called otherwise (other saves, gradient checkpointing, several processes).
 
     Under `accelerate launch` every process calls this with the same arguments; each trains on
     its share of every global batch, and only the main process writes files."""
@@ -872,6 +903,9 @@ def train_dpo_nll(model_path: str | Path, examples: list[dict], out_dir: str | P
     fused = acc.distributed_type == DistributedType.NO and all(p.dtype == torch.float32 for p in params)
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0, fused=fused or None)
     policy, optimizer = acc.prepare(ResponseLogProbs(lm), optimizer)
+    # the norm over the trained parameters; in one process, those alone (3.6 -> 1.9 ms a step
+    # for the demo's LoRA), where accelerate's FSDP path wants the wrapped model's own list
+    clipped = (lambda: params) if acc.distributed_type == DistributedType.NO else policy.parameters
     packs = _packs(acc.unwrap_model(policy)._causal().config)  # batches in one row: order pairs by prompt
     accum = acc.gradient_accumulation_steps  # DeepSpeed's config may have set it
 
@@ -942,7 +976,7 @@ def train_dpo_nll(model_path: str | Path, examples: list[dict], out_dir: str | P
                                                cfg.nll_weight, weights=batch["weight"])
                     acc.backward(loss)  # divided by the accumulation inside
                     if acc.sync_gradients:
-                        acc.clip_grad_norm_(policy.parameters(), 1.0)
+                        acc.clip_grad_norm_(clipped(), 1.0)
                     optimizer.step()  # a no-op until the last micro-batch of the step
                     optimizer.zero_grad()
                 held = held + _sums(terms, real)
@@ -990,13 +1024,15 @@ def train_dpo_nll(model_path: str | Path, examples: list[dict], out_dir: str | P
     from lidr.checkpoint import save_model, save_with_deltas, stored_dtype, vocabulary_matrices
 
     save_dtype = stored_dtype(model_path) or dtype
-    write_deltas = None
+    write_deltas = handed = None
     if lm is not None:  # the main process
         plain = cfg.lora is not None and _plain_lora(lm)  # LoRA whose deltas are all there is to add
         vocab_names = list(vocabulary_matrices(lm.get_base_model())) if plain else []
         deltas = _lora_deltas(lm) if plain else {}
         if plain and _deltas_apply(model_path, deltas, vocab_names):  # no merge in memory, no serialisation
             write_deltas = functools.partial(save_with_deltas, model_path, deltas=deltas)  # after the model is freed
+            if hand_over is not None and not from_files and not cfg.gradient_checkpointing:
+                handed = _handed_model(lm, deltas)  # (what the save does not need of the model is freed)
         else:
             if plain and save_dtype.itemsize > dtype.itemsize:
                 lm = merge_lora_into_stored(deltas, model_path, save_dtype)
@@ -1013,9 +1049,13 @@ def train_dpo_nll(model_path: str | Path, examples: list[dict], out_dir: str | P
     if write_deltas is not None:
         # Written after the model is freed (the save needs only the LoRA factors): the files'
         # pages and the save's buffer come on top of nothing that training held.
+        if handed is not None:
+            write_deltas = functools.partial(write_deltas, on_merged=handed[1])
         files = _save_atomically(write_deltas, tokenizer, out_dir, Path(model_path))
         saved = {k: [n for n in vocab_names if n in files[k]] for k in ("linked", "written")}
     acc.wait_for_everyone()  # M_{t+1} is whole before any process returns
+    if handed is not None:
+        hand_over(handed[0])
 
     summary = {
         "pairs": len(pairs), "steps": step, "epochs": cfg.epochs, "lora": cfg.lora is not None,
