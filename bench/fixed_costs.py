@@ -69,6 +69,21 @@ Round 16:
   (`packed_linear.pack` keeps a forward copy); every packed layer's output and input gradient
   compared on the same rows.
 
+Round 20:
+
+- the tokenizer file: `load_tokenizer` (as in a new process) on tokenizer.json as
+  `save_pretrained` writes it (indented: how lidr converted the embedded model before round 20)
+  against the same JSON written compact (`lidr.models._compact_tokenizer`); ids compared;
+- a prefill group's chunks (32 rows in two chunks of 180 and 200 positions, the model's
+  layers) written into caches of their own and joined by a copy (`_join` before round 20)
+  against written into their rows of the group's buffers (`_JointBuffers`), where the join
+  only zeroes the pads; the joined states compared;
+- the next generation engine's model after a LoRA train stage (deltas of rank 16 on every
+  linear layer): M_t+1 written (`save_with_deltas`) and loaded from those files in the run's
+  dtype (before round 20) against written while each merged weight is copied into the model
+  in memory (`save_with_deltas(..., on_merged=...)`, the train stage's `hand_over`); the
+  weights compared.
+
 Each pair runs alternately, `--rounds` times; the table gives the median.
 
     .venv/bin/python bench/fixed_costs.py              # about 2 minutes on 2 cores
@@ -438,6 +453,124 @@ def save_costs(model_dir: Path, rounds: int) -> dict:
         "mb_linked": sum(model.state_dict()[k].numel() * model.state_dict()[k].element_size() for k in done["linked"]) / 1e6}
 
 
+def tokenizer_file_costs(model_dir: Path, rounds: int, texts: list[str]) -> dict:
+    import json
+    import shutil
+    import tempfile
+
+    import lidr.models as models
+
+    root = Path(tempfile.mkdtemp(prefix="lidr-bench-"))
+    content = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    folders = {}
+    for name in ("indented", "compact"):
+        folders[name] = root / name
+        folders[name].mkdir()
+        for f in ("tokenizer_config.json", "config.json"):
+            shutil.copyfile(model_dir / f, folders[name] / f)
+        # as save_pretrained writes it (the same bytes)
+        (folders[name] / "tokenizer.json").write_text(json.dumps(content, indent=2, ensure_ascii=False), encoding="utf-8")
+    models._compact_tokenizer(folders["compact"])
+    sizes = {name: (folder / "tokenizer.json").stat().st_size / 1e6 for name, folder in folders.items()}
+    times: dict[str, list[float]] = {"indented": [], "compact": []}
+    ids = {}
+    try:
+        for _ in range(rounds):
+            for name, folder in folders.items():
+                models._tokenizers.clear()  # as in a new process
+                gc.collect()
+                seconds, tok = timed(lambda: models.load_tokenizer(folder))
+                times[name].append(seconds)
+                ids[name] = [tok(t).input_ids for t in texts]
+                del tok
+    finally:
+        models._tokenizers.clear()
+        shutil.rmtree(root, ignore_errors=True)
+    return ({k: statistics.median(v) for k, v in times.items()}
+            | {"same_ids": ids["indented"] == ids["compact"], "mb": sizes})
+
+
+def prefill_join_costs(model_dir: Path, rounds: int, widths: tuple[int, ...] = (180, 200), rows: int = 16) -> dict:
+    import torch
+    from transformers import AutoConfig, DynamicCache
+
+    from lidr.backends import decode
+
+    config = AutoConfig.from_pretrained(model_dir)
+    text = config.get_text_config()
+    heads, dim, n_layers = text.num_key_value_heads, text.head_dim, text.num_hidden_layers
+    states = [[torch.randn(rows, heads, w, dim) for _ in range(n_layers)] for w in widths]
+    length = max(widths)
+
+    def prefill(in_place: bool):
+        joint = decode._JointBuffers(rows * len(widths), length) if in_place else None
+        parts = []
+        for c, w in enumerate(widths):
+            cache = decode._growing(DynamicCache(config=config))
+            if joint is not None:
+                joint.place(cache, c * rows, w)
+            for i, k in enumerate(states[c]):  # the chunk's forward writes its keys and values
+                cache.update(k, -k, i)
+            parts.append((cache, torch.ones(rows, w, dtype=torch.long), torch.zeros(rows, w, dtype=torch.long)))
+        return decode._join(parts)[0]
+
+    times: dict[str, list[float]] = {"copy": [], "in_place": []}
+    same = True
+    for _ in range(rounds):
+        out = {}
+        for name in ("copy", "in_place"):
+            gc.collect()
+            t0 = time.perf_counter()
+            cache = prefill(name == "in_place")
+            times[name].append(time.perf_counter() - t0)
+            out[name] = [(layer.keys, layer.values) for layer in cache.layers]
+        same = same and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(out["copy"], out["in_place"]))
+        del out, cache
+    mb = 2 * n_layers * rows * len(widths) * heads * length * dim * 4 / 1e6
+    return {k: statistics.median(v) for k, v in times.items()} | {"same_states": same, "mb": mb}
+
+
+def handover_costs(model_dir: Path, rounds: int, rank: int = 16) -> dict:
+    import shutil
+    import tempfile
+
+    import torch
+
+    from lidr.checkpoint import LowRank, save_with_deltas
+    from lidr.models import load_model, release_memory
+
+    model = load_model(model_dir, dtype="auto", device="cpu")  # the trained model in memory, as training holds it
+    weights = {name: p for name, p in model.named_parameters() if p.dim() == 2 and "embed" not in name}
+    torch.manual_seed(0)
+    deltas = {name: LowRank(tuple(p.shape), torch.randn(p.shape[0], rank) * 1e-2, torch.randn(rank, p.shape[1]) * 1e-2)
+              for name, p in weights.items()}
+
+    def copy_merged(name, merged):
+        with torch.no_grad():
+            weights[name].copy_(merged)
+
+    times: dict[str, list[float]] = {"load": [], "handed": []}
+    with tempfile.TemporaryDirectory(dir=".") as tmp:  # where a run folder would be
+        for i in range(rounds):
+            for name in ("load", "handed"):
+                out = Path(tmp) / f"{name}-{i}"
+                gc.collect()
+                t0 = time.perf_counter()
+                if name == "load":
+                    save_with_deltas(model_dir, out, deltas)
+                    loaded = load_model(out, dtype="auto", device="cpu")
+                else:
+                    save_with_deltas(model_dir, out, deltas, on_merged=copy_merged)
+                times[name].append(time.perf_counter() - t0)
+                shutil.rmtree(out)  # as a run replaces its temporary folders
+        mine, theirs = model.state_dict(), loaded.state_dict()
+        same = mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    dtype = str(model.dtype).removeprefix("torch.")
+    del model, loaded, mine, theirs
+    release_memory()
+    return {k: statistics.median(v) for k, v in times.items()} | {"same_weights": same, "dtype": dtype}
+
+
 def take_costs(model_dir: Path, rounds: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
@@ -507,6 +640,9 @@ def main(argv=None) -> None:
     del model
     save = save_costs(model_dir, args.rounds)
     take = take_costs(model_dir, args.rounds)
+    tok_file = tokenizer_file_costs(model_dir, args.rounds, texts)
+    prefill = prefill_join_costs(model_dir, args.rounds)
+    handover = handover_costs(model_dir, args.rounds)
     tracked = collect["tracked"]
 
     def compared(cost, before, before_s, lidr, lidr_s, digits=2, ratio_digits=1):
@@ -537,6 +673,12 @@ def main(argv=None) -> None:
                  "save_model, embedding " + ("hard-linked" if save["hard_link"] else "copied"), save["linked"]),
         compared("train stage's model", "engine closed, M_t loaded, packed", take["load"],
                  "the engine's taken, backward packed", take["take"]),
+        compared("tokenizer file", f"indented ({tok_file['mb']['indented']:.0f} MB)", tok_file["indented"],
+                 f"compact ({tok_file['mb']['compact']:.0f} MB)", tok_file["compact"], ratio_digits=2),
+        compared("prefill chunks join", "own caches, joined by a copy", prefill["copy"],
+                 "written in place (_JointBuffers)", prefill["in_place"], digits=3),
+        compared("next engine's model", f"M_t+1 saved, loaded ({handover['dtype']})", handover["load"],
+                 "saved, merge copied in (hand_over)", handover["handed"], ratio_digits=2),
     ]
     print(f"medians of {args.rounds} alternating rounds; {tracked} objects tracked by gc in this process")
     print(common.table(["cost", "before", "s", "lidr", "s", "ratio"], rows))
@@ -548,7 +690,10 @@ def main(argv=None) -> None:
           f"same choices of the output layer packed at once or later ({setup['mb']:.0f} MB not packed until "
           f"needed): {setup['same_choices']}; same tensors saved whole or with {', '.join(save['linked_names']) or 'nothing'} "
           f"({save['mb_linked']:.0f} MB) linked: {save['same_tensors']}; same outputs and input gradients of the "
-          f"{take['layers']} packed layers loaded or taken: {take['same_outputs']}")
+          f"{take['layers']} packed layers loaded or taken: {take['same_outputs']}; same ids from the indented or "
+          f"compact tokenizer file: {tok_file['same_ids']}; same states after the prefill's join "
+          f"({prefill['mb']:.0f} MB cache): {prefill['same_states']}; same weights loaded or handed over: "
+          f"{handover['same_weights']}")
     print(common.keyvals({
         "tokenizer_plain_s": round(tok["plain"], 3), "tokenizer_lidr_s": round(tok["lidr"], 3), "merge_peft_s": round(merge["peft"], 3),
         "merge_lidr_s": round(merge["lidr"], 3), "gc_collect_s": round(collect["plain"], 3),
@@ -566,6 +711,11 @@ def main(argv=None) -> None:
         "save_linked_s": round(save["linked"], 3), "save_hard_link": save["hard_link"],
         "same_saved_tensors": save["same_tensors"], "train_model_load_s": round(take["load"], 3),
         "train_model_take_s": round(take["take"], 3), "same_taken_outputs": take["same_outputs"],
+        "tokenizer_indented_s": round(tok_file["indented"], 3), "tokenizer_compact_s": round(tok_file["compact"], 3),
+        "same_tokenizer_file_ids": tok_file["same_ids"], "prefill_join_copy_s": round(prefill["copy"], 4),
+        "prefill_join_in_place_s": round(prefill["in_place"], 4), "same_prefill_states": prefill["same_states"],
+        "next_model_load_s": round(handover["load"], 3), "next_model_handed_s": round(handover["handed"], 3),
+        "same_handed_weights": handover["same_weights"],
         "rounds": args.rounds,
     }))
 

@@ -125,9 +125,9 @@ def test_recorded_added_tokens_load_the_same_tokenizer(fresh, tmp_path):
 
 
 def test_compacted_tokenizer_file_loads_the_same_tokenizer(fresh, tmp_path):
-    """The embedded model's real tokenizer.json as `save_pretrained` writes it (indented, with
-    \\u escapes) and compacted by `_compact_tokenizer`: a smaller file, the same JSON, the same
-    tokenizer; a compact file is left as it is."""
+    """The embedded model's real tokenizer.json as `save_pretrained` writes it (indented) and
+    compacted by `_compact_tokenizer`: a smaller file, the same JSON, the same tokenizer; a
+    compact file is left as it is."""
     import json
 
     from lidr.models import _compact_tokenizer, resolve_model
@@ -139,7 +139,7 @@ def test_compacted_tokenizer_file_loads_the_same_tokenizer(fresh, tmp_path):
         folder.mkdir()
         for name in ("tokenizer_config.json", "config.json"):
             shutil.copyfile(source / name, folder / name)
-        (folder / "tokenizer.json").write_text(json.dumps(content, indent=2), encoding="utf-8")
+        (folder / "tokenizer.json").write_text(json.dumps(content, indent=2, ensure_ascii=False), encoding="utf-8")
     _compact_tokenizer(after)
     size = (after / "tokenizer.json").stat().st_size
     assert size < 0.6 * (before / "tokenizer.json").stat().st_size
