@@ -422,7 +422,9 @@ class Loop:
     def _keep_trained(self, t: int):
         """Where M_t will generate next in this process (iteration t + 1, or its evaluation) with
         the hf engine: a `hand_over` for training that keeps the M_t it saved, in memory, for
-        `backend` to take instead of loading the files just written (gemma-3-270m: 0.25 s)."""
+        `backend` to take instead of loading the files just written (gemma-3-270m: a 0.25-0.4 s
+        load, and no second copy of the model in memory; on the benchmark VM, whose new pages are
+        slow, the save with the model kept took about as much longer: bench/README.md, round 20)."""
         if self.cfg.generation.backend != "hf" or not (t < self.cfg.iterations or self.eval_plan is not None):
             return None
         return lambda model: self._trained_model.__setitem__(self.run.model(t), model)
