@@ -713,9 +713,9 @@ def _grow_into(layer, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.T
     n = old_k.shape[-2] if old_k is not None and old_k.numel() else 0
     total = n + keys.shape[-2]
     buf = getattr(layer, "_buffers", None)
-    if buf is None and not n and getattr(layer, "_place", None) is not None:  # its rows of a group's buffers
-        buf = layer._buffers = layer._place(keys, values)
-        layer._place = None
+    slot = getattr(layer, "_slot", None)
+    if buf is None and not n and slot is not None:  # its rows of a prefill group's buffers
+        buf = layer._buffers = slot[0].views(*slot[1:], keys, values)
     if not (buf is not None and _holds(buf[0], keys, total) and _holds(buf[1], values, total)
             and (n == 0 or _starts(old_k, buf[0]) and _starts(old_v, buf[1]))):
         new = (_buffer(keys, len(keys), total), _buffer(values, len(values), total))
@@ -791,10 +791,10 @@ class _JointBuffers:
 
     def place(self, cache, row: int, width: int) -> None:
         for i, layer in enumerate(cache.layers):
-            layer._place = functools.partial(self._views, i, row, self.length - width)
-            layer._slot = (self, i, row, self.length - width)
+            layer._slot = (self, i, row, self.length - width)  # taken by its first write (`_grow_into`)
 
-    def _views(self, i: int, row: int, start: int, keys: torch.Tensor, values: torch.Tensor):
+    def views(self, i: int, row: int, start: int, keys: torch.Tensor, values: torch.Tensor):
+        """Layer i's rows from `row` (as many as `keys` has), positions from `start` on."""
         if i not in self.buffers:
             self.buffers[i] = (_buffer(keys, self.rows, self.length), _buffer(values, self.rows, self.length))
         return tuple(b[row:row + len(keys), :, start:] for b in self.buffers[i])
