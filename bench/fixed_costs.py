@@ -196,7 +196,18 @@ def added_tokens_costs(model_dir: Path, rounds: int, texts: list[str]) -> dict:
     config.pop("added_tokens_decoder", None)
     (folders["without"] / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
     models._record_added_tokens(folders["with"])
-    times: dict[str, list[float]] = {"without": [], "with": []}
+    times, ids = tokenizer_loads(folders, rounds, texts, root)
+    return times | {"same_ids": ids["without"] == ids["with"]}
+
+
+def tokenizer_loads(folders: dict[str, Path], rounds: int, texts: list[str], root: Path) -> tuple[dict, dict]:
+    """`load_tokenizer` on each folder in turn, as in a new process, `rounds` times: the median
+    seconds and the ids of `texts` for each; `root` (the folders' temp parent) is removed after."""
+    import shutil
+
+    import lidr.models as models
+
+    times: dict[str, list[float]] = {name: [] for name in folders}
     ids = {}
     try:
         for _ in range(rounds):
@@ -210,7 +221,7 @@ def added_tokens_costs(model_dir: Path, rounds: int, texts: list[str]) -> dict:
     finally:
         models._tokenizers.clear()
         shutil.rmtree(root, ignore_errors=True)
-    return {k: statistics.median(v) for k, v in times.items()} | {"same_ids": ids["without"] == ids["with"]}
+    return {k: statistics.median(v) for k, v in times.items()}, ids
 
 
 def langid_costs(rounds: int) -> dict:
@@ -472,22 +483,8 @@ def tokenizer_file_costs(model_dir: Path, rounds: int, texts: list[str]) -> dict
         (folders[name] / "tokenizer.json").write_text(json.dumps(content, indent=2, ensure_ascii=False), encoding="utf-8")
     models._compact_tokenizer(folders["compact"])
     sizes = {name: (folder / "tokenizer.json").stat().st_size / 1e6 for name, folder in folders.items()}
-    times: dict[str, list[float]] = {"indented": [], "compact": []}
-    ids = {}
-    try:
-        for _ in range(rounds):
-            for name, folder in folders.items():
-                models._tokenizers.clear()  # as in a new process
-                gc.collect()
-                seconds, tok = timed(lambda: models.load_tokenizer(folder))
-                times[name].append(seconds)
-                ids[name] = [tok(t).input_ids for t in texts]
-                del tok
-    finally:
-        models._tokenizers.clear()
-        shutil.rmtree(root, ignore_errors=True)
-    return ({k: statistics.median(v) for k, v in times.items()}
-            | {"same_ids": ids["indented"] == ids["compact"], "mb": sizes})
+    times, ids = tokenizer_loads(folders, rounds, texts, root)
+    return times | {"same_ids": ids["indented"] == ids["compact"], "mb": sizes}
 
 
 def prefill_join_costs(model_dir: Path, rounds: int, widths: tuple[int, ...] = (180, 200), rows: int = 16) -> dict:
