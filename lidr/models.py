@@ -159,14 +159,14 @@ def _convert_gguf(gguf: Path, name: str, sha256: str | None = None) -> Path:
         _compact_tokenizer(target)  # ... or before it wrote tokenizer.json compact
         return target
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from lidr.checkpoint import save_model
     from lidr.console import console
 
     console.print(f"[bold]Converting {gguf.name} to safetensors once[/] (cached in {target}) ...")
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model = causal_lm(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The weights are now plain tensors: drop the GGUF quantizer so it saves as safetensors.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -351,15 +351,28 @@ def _tokenizer_key(path: str | Path) -> str | None:
     return hashlib.sha256(f"{files} {kind}".encode()).hexdigest()
 
 
+def causal_lm(path: str | Path, **kwargs):
+    """`AutoModelForCausalLM.from_pretrained(path, **kwargs)` without the Hub's compiled kernels.
+
+    transformers 5 requires the `kernels` package and, by default, swaps some layers (RMSNorm,
+    rotary embeddings, ...) for kernels it downloads from the Hub, at load and again at each
+    `.train()` / `.eval()` that changes the mode. That is code from the Hub no one asked for
+    (lidr runs none without `trust_remote_code`), and where a GPU node has no internet the first
+    `.train()` raises: on an H200 with transformers 5.25, training stopped at "Version 2 of
+    'kernels-community/rotary' is not available in the local cache" (tests/test_cuda.py).
+    `use_kernels=True` in `kwargs` asks for them."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, **{"use_kernels": False, **kwargs})
+
+
 def load_model(path: str | Path, dtype: str = "auto", device: str | None = None, trust_remote_code: bool = False):
     import torch
 
     device = device or default_device()
     torch_dtype = pick_dtype(dtype, device)
     with _gc_paused():  # the first call in a process imports the model's code (2 s for Gemma 3)
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        model = causal_lm(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     model = model.to(device).eval()
     head = model.get_output_embeddings()
     if device == "cpu" and head is not None:

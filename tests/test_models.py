@@ -300,3 +300,31 @@ def test_output_layer_gets_standard_strides_on_cpu(tiny_path):
     hidden = model.config.get_text_config().hidden_size
     assert seen[0] == (hidden, hidden, 1)  # [2, 1, hidden] in standard strides, not a view of [2, 4, hidden]
     assert torch.equal(last, every)
+
+
+def test_models_load_and_train_without_the_hubs_kernels(tiny_path, tmp_path, monkeypatch):
+    """transformers 5 (with the `kernels` package it requires) swaps layers for compiled kernels
+    downloaded from the Hub, at load and at every `.train()` / `.eval()` that changes the mode:
+    code no one asked for, and on a GPU node without internet the first `.train()` raised
+    (an H200, transformers 5.25: tests/test_cuda.py). lidr's loads, generation's and training's,
+    ask for none: `kernelize` is never called (here, where a plain load does call it)."""
+    pytest.importorskip("kernels")
+    import transformers.modeling_utils as modeling_utils
+    from transformers import AutoModelForCausalLM
+
+    from lidr.config import TrainingConfig
+    from lidr.pipeline.train import train_dpo_nll
+
+    calls = []
+    monkeypatch.setattr(modeling_utils, "kernelize", lambda model, **kw: calls.append(type(model).__name__))
+    AutoModelForCausalLM.from_pretrained(tiny_path)
+    if not calls:
+        pytest.skip("this transformers does not use the Hub's kernels by default")
+    calls.clear()
+    model = models.load_model(tiny_path, dtype="float32", device="cpu")
+    model.train()
+    model.eval()
+    examples = [{"prompt": "<s>the cat", "chosen": " sat on a mat</s>", "rejected": " ran</s>"}] * 2
+    train_dpo_nll(tiny_path, examples, tmp_path / "m1", TrainingConfig(dtype="float32", batch_size=2, max_length=32),
+                  seed=0, log_dir=tmp_path / "log")
+    assert calls == []

@@ -675,10 +675,10 @@ def merge_lora_into_stored(deltas: dict, model_path: str | Path, stored: torch.d
     rounding would compound on the last. The base is loaded again from the files (memory-mapped);
     its vocabulary matrices stay as loaded, for `save_model` to link. Plain LoRA linears only
     (`_plain_lora`)."""
-    from transformers import AutoModelForCausalLM
+    from lidr.models import causal_lm
 
     with _plain_loading():
-        lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=stored)
+        lm = causal_lm(model_path, dtype=stored)
     lm.requires_grad_(False)
     for name, delta in deltas.items():
         module, _, attr = name.rpartition(".")
@@ -781,10 +781,10 @@ def _consolidated_lm(acc, policy, model_path, cfg: TrainingConfig):
     state = acc.get_state_dict(policy)  # full weights on the main process (FSDP: rank 0 only)
     if not acc.is_main_process:
         return None
-    from transformers import AutoModelForCausalLM
+    from lidr.models import causal_lm
 
     with _plain_loading():
-        lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        lm = causal_lm(model_path, dtype=torch.float32)
     if cfg.lora is not None:
         from peft import get_peft_model
 
@@ -831,9 +831,9 @@ def train_dpo_nll(model_path: str | Path, examples: list[dict], out_dir: str | P
         raise ValueError("train_dpo_nll: no preference pairs to train on (every pair was filtered out?)")
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, set_seed
-    from transformers import AutoModelForCausalLM, get_scheduler
+    from transformers import get_scheduler
 
-    from lidr.models import load_tokenizer, release_memory
+    from lidr.models import causal_lm, load_tokenizer, release_memory
 
     t0 = time.time()
     seed = cfg.seed if cfg.seed is not None else seed
@@ -861,7 +861,7 @@ def train_dpo_nll(model_path: str | Path, examples: list[dict], out_dir: str | P
     # mixed_precision: bf16 keep the fp32 master copy themselves.)
     from_files = take_model is None
     if from_files:
-        lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype if cfg.lora else torch.float32)
+        lm = causal_lm(model_path, dtype=dtype if cfg.lora else torch.float32)
     elif cfg.lora is None or n_proc > 1:
         raise ValueError("train_dpo_nll: a model in memory is taken for LoRA training in one process only")
     else:
