@@ -106,9 +106,10 @@ class LowRank(NamedTuple):
 
     def add_to(self, stored: torch.Tensor) -> None:
         """stored += up @ down, in place, computed in the wider of the two dtypes and rounded once
-        to the stored one (fp32 factors on bf16 weights: the sum in fp32)."""
+        to the stored one (fp32 factors on bf16 weights: the sum in fp32), where `stored` is (the
+        factors of a model trained on a GPU come to the weights read from the files)."""
         wide = torch.promote_types(stored.dtype, self.up.dtype)
-        up, down = self.up.to(wide), self.down.to(wide)
+        up, down = self.up.to(stored.device, wide), self.down.to(stored.device, wide)
         if wide == stored.dtype:
             stored.addmm_(up, down)
         else:

@@ -27,14 +27,16 @@ def tiny(tmp_path_factory):
                             max_position_embeddings=512)
 
 
-def test_reference_loglik_shares_each_languages_prefix_and_scores_as_full_sequences(tiny, tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_reference_loglik_shares_each_languages_prefix_and_scores_as_full_sequences(tiny, tmp_path, device):
     """Each language's few-shot examples run once per batch (two body calls per batch: prefix,
     then the rows), and every item's summed log-prob is the one of its whole prompt + reference
     computed from the model's own logits."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny)
-    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).to(device).eval()
     fmt = choose_format(tok, "auto")
     data = {
         "en": [{"id": "a", "instruction": "What is the capital of France ?", "reference": "Paris is the capital ."},
@@ -60,9 +62,9 @@ def test_reference_loglik_shares_each_languages_prefix_and_scores_as_full_sequen
         got = {r["id"]: r for r in map(json.loads, (tmp_path / f"{lang}.jsonl").read_text().splitlines())}
         for it, prompt in zip(items, prompts[lang]):
             ref = enc(fmt.response_text(it["reference"]))[:5]
-            ids = torch.tensor([prompt + ref])
+            ids = torch.tensor([prompt + ref], device=device)
             with torch.no_grad():
                 logp = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
-            want = logp[torch.arange(len(prompt) - 1, ids.shape[1] - 1), ids[0, len(prompt):]].sum()
+            want = logp[torch.arange(len(prompt) - 1, ids.shape[1] - 1, device=device), ids[0, len(prompt):]].sum()
             assert got[it["id"]]["tokens"] == len(ref)
             assert got[it["id"]]["sum_logprob"] == pytest.approx(float(want), abs=2e-4), (lang, it["id"])
