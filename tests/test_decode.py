@@ -986,3 +986,19 @@ def test_stop_strings_are_found_at_the_same_token_when_the_window_is_decoded_les
                 tokens, decoded = tokens + len(ids), decoded + sum(may)
     assert checked >= 10  # most texts do hold a stop
     assert decoded < tokens / 2  # and most tokens are not followed by a decode of the window
+
+
+def test_decoding_on_a_gpu_leaves_cudnn_attention_out():
+    """On a GPU the decoder's attention runs without cuDNN's kernel, which plans anew for every
+    shape (each step's keys are one longer): 158.6 against 25.5 ms a step on an H200
+    (bench/README.md, round 21). The flags are torch's, set for the decoding run only; a CPU
+    run leaves them as they are."""
+    import lidr.backends.decode as decode
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with decode._attention_kernels(torch.device("cuda")):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.mem_efficient_sdp_enabled() and torch.backends.cuda.flash_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+    with decode._attention_kernels(torch.device("cpu")):
+        assert torch.backends.cuda.cudnn_sdp_enabled() == before
