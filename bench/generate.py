@@ -298,7 +298,7 @@ def main(argv=None) -> None:
         from transformers import AutoModelForCausalLM
 
         # plain transformers: a model of its own, without what lidr's loading and decoder add to theirs
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=b1_dtype).eval().requires_grad_(False)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=b1_dtype, use_kernels=False).eval().requires_grad_(False)
         print(f"running hf-batch1 ({len(sub)} prompts, {b1_dtype}) ... load {common.loadavg()}", flush=True)
         texts, secs = run_hf_batch1(model, tok, eos_ids, sub, args.max_new_tokens, args.repetition_penalty)
         results["hf-batch1"] = (texts, secs, f"model.generate batch 1, {b1_dtype}")

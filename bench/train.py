@@ -33,6 +33,7 @@ lidr train work: >= 0.77 means lidr is within 1.3x of the hand loop.
     .venv/bin/python bench/train.py                  # 25 pairs: about 7-8 minutes on 2 cores
     .venv/bin/python bench/train.py --limit 2        # smoke test
     .venv/bin/python bench/train.py --skip trl       # lidr and the hand loop only
+    python bench/train.py --device cuda --synthetic 64 --model DIR   # on a GPU (peak memory: the GPU's)
 """
 
 from __future__ import annotations
@@ -69,6 +70,10 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="auto", help="lidr training.dtype; TRL gets the dtype it resolves to")
     p.add_argument("--skip", default="", help="trainers not to run, comma-separated: lidr, hand, trl")
     p.add_argument("--threads", type=int, default=None, help="torch threads in each trainer (default: all cores)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where every trainer runs (default cpu; cuda: peak memory is the GPU's, allocated by torch)")
+    p.add_argument("--synthetic", type=int, default=None, metavar="N",
+                   help="N synthetic pairs from the demo prompts instead of a run's pairs")
     p.add_argument("--final-metrics", action="store_true",
                    help="lidr scores all pairs again after training (training.final_metrics)")
     p.add_argument("--trl-precompute-ref", action="store_true",
@@ -87,7 +92,7 @@ def load_examples(args, fmt) -> tuple[list[dict], str]:
 
     if args.pairs is not None and not args.pairs.is_file():
         raise SystemExit(f"--pairs {args.pairs}: no such file")
-    source = args.pairs or next((p for p in DEFAULT_PAIRS if p.exists()), None)
+    source = None if args.synthetic else args.pairs or next((p for p in DEFAULT_PAIRS if p.exists()), None)
     if source is not None:
         pairs = load_records(source)
         if not pairs:
@@ -96,12 +101,13 @@ def load_examples(args, fmt) -> tuple[list[dict], str]:
     else:  # synthetic: the prompt's neighbours in its language (chosen) vs in English (rejected)
         rows = [json.loads(line) for line in common.DEMO_PROMPTS.read_text(encoding="utf-8").splitlines() if line]
         pairs = []
-        for i in range(16):
+        for i in range(args.synthetic or 16):
             lang = common.DEMO_LANGS[1 + i % 3]
             near = [rows[(i + k) % len(rows)]["translations"] for k in (1, 2, 3)]
-            pairs.append({"prompt": rows[i]["translations"][lang], "lang": lang,
+            pairs.append({"prompt": rows[i % len(rows)]["translations"][lang], "lang": lang,
                           "chosen": " ".join(t[lang] for t in near), "rejected": " ".join(t["en"] for t in near)})
-        what = "16 synthetic pairs from the demo prompts (no run folder found)"
+        what = (f"{len(pairs)} synthetic pairs from the demo prompts"
+                + ("" if args.synthetic else " (no run folder found)"))
     if args.limit:
         pairs = pairs[: args.limit]
     examples = [{"prompt": fmt.response_prompt(p["prompt"], p["lang"]), "chosen": fmt.response_text(p["chosen"]),
@@ -152,12 +158,15 @@ def worker_trl(job: dict, precompute: bool) -> dict:
     work = Path(job["workdir"])
     start = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(job["model"])
-    model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=dtype)
+    # use_kernels=False: as lidr loads (lidr.models.causal_lm); transformers' default fetches
+    # layers from the Hub at .train(), which fails offline on a GPU
+    model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=dtype, use_kernels=False)
     args = DPOConfig(
         output_dir=str(work / "trl-out"), beta=BETA, loss_type=["sigmoid", "sft"], loss_weights=[1.0, NLL_WEIGHT],
         max_length=MAX_LENGTH, per_device_train_batch_size=job["batch_size"],
         gradient_accumulation_steps=job["grad_accum"], num_train_epochs=1, learning_rate=LR,
-        lr_scheduler_type="cosine", warmup_steps=WARMUP_RATIO, bf16=dtype == torch.bfloat16, use_cpu=True,
+        lr_scheduler_type="cosine", warmup_steps=WARMUP_RATIO, bf16=dtype == torch.bfloat16,
+        use_cpu=job["device"] == "cpu",
         gradient_checkpointing=False, precompute_ref_log_probs=precompute, report_to="none", save_strategy="no",
         logging_steps=1, seed=SEED, dataloader_num_workers=0, disable_tqdm=True,
     )
@@ -192,6 +201,7 @@ def worker_hand(job: dict) -> dict:
     from lidr.pipeline.train import resolve_dtype  # the dtype the other workers get ("auto": fp32 here)
 
     dtype = resolve_dtype(job["dtype"])
+    device = torch.device(job["device"])
     bs, accum, examples = job["batch_size"], job["grad_accum"], job["examples"]
     work = Path(job["workdir"])
     start = time.perf_counter()
@@ -210,7 +220,7 @@ def worker_hand(job: dict) -> dict:
         pairs.append((p, c, r))
     n = len(pairs)
 
-    model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=dtype, use_kernels=False).to(device)
     model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                                              target_modules=LORA["target_modules"], task_type="CAUSAL_LM"))
     causal = model.get_base_model()
@@ -226,7 +236,8 @@ def worker_hand(job: dict) -> dict:
         ids = torch.tensor([x + [pad] * (width - len(x)) for x in rows])
         t = torch.arange(width - 1)[None]
         predicts = (t >= plen - 1) & (t < rlen - 1)  # position t predicts token t+1
-        return ids, (torch.arange(width)[None] < rlen).long(), predicts, rlen - plen
+        return (ids.to(device), (torch.arange(width)[None] < rlen).long().to(device), predicts.to(device),
+                (rlen - plen).to(device))
 
     def seq_logps(ids, mask, predicts):
         """Summed log-prob of each row's response tokens: the head on the response positions only."""
@@ -241,7 +252,7 @@ def worker_hand(job: dict) -> dict:
     t_ref = time.perf_counter()
     length = [len(p) + max(len(c), len(r)) for p, c, r in pairs]
     order = sorted(range(n), key=length.__getitem__, reverse=True)
-    ref = torch.zeros(n, 2)
+    ref = torch.zeros(n, 2, device=device)
     model.eval()
     with torch.inference_mode(), model.disable_adapter():
         for s in range(0, n, 2 * bs):
@@ -309,6 +320,10 @@ def run_worker(args) -> None:
     else:
         result = worker_trl(job, job.get("precompute", False))
     result["peak_rss_mb"] = peak_rss_mb()
+    if job["device"] == "cuda":
+        import torch
+
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     Path(job["result"]).write_text(json.dumps(result))
 
 
@@ -319,9 +334,11 @@ def spawn(name: str, job: dict, workdir: Path) -> dict:
     job_file.write_text(json.dumps(job))
     log = workdir / f"{name}.log"
     kind = name.split("-")[0]  # lidr, hand, trl (trl-precompute: trl)
+    # on a CPU every trainer runs there, lidr's too (Accelerate would take a GPU it sees)
+    env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": ""} if job["device"] == "cpu" else {})}
     with open(log, "w") as fh:
         rc = subprocess.run([sys.executable, __file__, "--worker", kind, "--job", str(job_file)],
-                            stdout=fh, stderr=subprocess.STDOUT).returncode
+                            stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
     if rc != 0:
         sys.stdout.write(log.read_text()[-3000:])
         raise SystemExit(f"{name} worker failed (exit {rc}); log {log}")
@@ -336,6 +353,10 @@ def main(argv=None) -> None:
     from lidr.templates import choose_format
 
     common.print_machine(common.machine())
+    if args.device == "cuda":
+        import torch
+
+        print(f"device: {torch.cuda.get_device_name()} (torch {torch.__version__}, CUDA {torch.version.cuda})")
     print(f"started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
     model = resolve_model(args.model)
     tok = load_tokenizer(model)
@@ -359,27 +380,29 @@ def main(argv=None) -> None:
         ex_file.write_text("".join(json.dumps(e) + "\n" for e in examples))
         job = {"model": str(model), "examples_file": str(ex_file), "workdir": tmp, "batch_size": args.batch_size,
                "grad_accum": args.grad_accum, "dtype": args.dtype, "threads": args.threads,
-               "final_metrics": args.final_metrics}
+               "final_metrics": args.final_metrics, "device": args.device}
         for name in runs:
             print(f"running {name} ... load average {common.loadavg()}", flush=True)
             results[name] = spawn(name, {**job, "precompute": name == "trl-precompute"}, workdir)
     print(f"finished {time.strftime('%H:%M:%S')}, load average {common.loadavg()}")
 
+    # peak memory: the process's resident set on a CPU; on a GPU, what torch allocated there
+    peak = "peak_gpu_mb" if args.device == "cuda" else "peak_rss_mb"
     rows = []
     for name, r in results.items():
         parts = ", ".join(f"{k} {v:.1f}" for k, v in r["parts"].items())
         rows.append([name, r["dtype"], r["steps"], round(r["work"], 1), round(r["work"] / n, 2), round(r["total"], 1),
-                     round(r["total"] / n, 2), round(r["peak_rss_mb"]), f"{r['first_loss']:.3f} -> {r['last_loss']:.3f}",
+                     round(r["total"] / n, 2), round(r[peak]), f"{r['first_loss']:.3f} -> {r['last_loss']:.3f}",
                      parts])
     print()
     print(common.table(["trainer", "dtype", "steps", "train work s", "s/pair", "end-to-end s", "s/pair (e2e)",
-                        "peak RSS MB", "loss first -> last", "seconds by part"], rows))
+                        "peak GPU MB" if args.device == "cuda" else "peak RSS MB", "loss first -> last", "seconds by part"], rows))
 
     nan = float("nan")
     lidr, trl = results.get("lidr"), results.get("trl")
     speed = trl["work"] / lidr["work"] if lidr and trl else nan
     speed_e2e = trl["total"] / lidr["total"] if lidr and trl else nan
-    mem = lidr["peak_rss_mb"] / trl["peak_rss_mb"] if lidr and trl else nan
+    mem = lidr[peak] / trl[peak] if lidr and trl else nan
     print()
     verdict = "not run" if speed != speed else "met" if speed >= 4 and mem <= 1 else "NOT met"
     print(f"target: >= 4x TRL's pairs/s at no more peak memory: {verdict} ({speed:.2f}x train work, "
@@ -396,9 +419,9 @@ def main(argv=None) -> None:
               f"largest step-loss difference over {min(len(lidr['losses']), len(hand['losses']))} steps {diff:.2g}")
     figures = {"speedup_vs_trl": speed, "peak_mem_ratio_vs_trl": mem, "speedup_vs_trl_end_to_end": speed_e2e,
                "lidr_s_per_pair": lidr["work"] / n if lidr else nan, "trl_s_per_pair": trl["work"] / n if trl else nan,
-               "lidr_peak_mb": lidr["peak_rss_mb"] if lidr else nan, "trl_peak_mb": trl["peak_rss_mb"] if trl else nan,
+               "lidr_peak_mb": lidr[peak] if lidr else nan, "trl_peak_mb": trl[peak] if trl else nan,
                "speedup_vs_hand": speed_hand, "hand_s_per_pair": hand["work"] / n if hand else nan,
-               "hand_peak_mb": hand["peak_rss_mb"] if hand else nan}
+               "hand_peak_mb": hand[peak] if hand else nan}
     if "trl-precompute" in results and lidr:
         figures["speedup_vs_trl_precompute"] = results["trl-precompute"]["work"] / lidr["work"]
     figures["pairs"] = n
