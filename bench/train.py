@@ -34,6 +34,7 @@ lidr train work: >= 0.77 means lidr is within 1.3x of the hand loop.
     .venv/bin/python bench/train.py --limit 2        # smoke test
     .venv/bin/python bench/train.py --skip trl       # lidr and the hand loop only
     python bench/train.py --device cuda --synthetic 64 --model DIR   # on a GPU (peak memory: the GPU's)
+    python bench/train.py --device cuda --synthetic 64 --model DIR --no-cudnn-attention  # ... attention without cuDNN
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch threads in each trainer (default: all cores)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where every trainer runs (default cpu; cuda: peak memory is the GPU's, allocated by torch)")
+    p.add_argument("--no-cudnn-attention", action="store_true",
+                   help="on a GPU, every trainer's attention without cuDNN's kernel (as lidr's decoder runs)")
     p.add_argument("--synthetic", type=int, default=None, metavar="N",
                    help="N synthetic pairs from the demo prompts instead of a run's pairs")
     p.add_argument("--final-metrics", action="store_true",
@@ -306,6 +309,19 @@ def worker_hand(job: dict) -> dict:
             "first_loss": losses[0], "last_loss": losses[-1], "losses": losses}
 
 
+def attention_kernels(no_cudnn: bool):
+    """torch's choice of attention kernels, or (`--no-cudnn-attention`) all but cuDNN's, which
+    plans anew for every shape: lidr's decoder leaves it out on a GPU (lidr/backends/decode.py);
+    whether training should too is what this measures."""
+    import contextlib
+
+    if not no_cudnn:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 def run_worker(args) -> None:
     job = json.loads(args.job.read_text())
     job["examples"] = [json.loads(line) for line in Path(job["examples_file"]).read_text().splitlines()]
@@ -313,12 +329,13 @@ def run_worker(args) -> None:
         import torch
 
         torch.set_num_threads(job["threads"])
-    if args.worker == "lidr":
-        result = worker_lidr(job)
-    elif args.worker == "hand":
-        result = worker_hand(job)
-    else:
-        result = worker_trl(job, job.get("precompute", False))
+    with attention_kernels(job.get("no_cudnn_attention", False)):
+        if args.worker == "lidr":
+            result = worker_lidr(job)
+        elif args.worker == "hand":
+            result = worker_hand(job)
+        else:
+            result = worker_trl(job, job.get("precompute", False))
     result["peak_rss_mb"] = peak_rss_mb()
     if job["device"] == "cuda":
         import torch
@@ -380,7 +397,8 @@ def main(argv=None) -> None:
         ex_file.write_text("".join(json.dumps(e) + "\n" for e in examples))
         job = {"model": str(model), "examples_file": str(ex_file), "workdir": tmp, "batch_size": args.batch_size,
                "grad_accum": args.grad_accum, "dtype": args.dtype, "threads": args.threads,
-               "final_metrics": args.final_metrics, "device": args.device}
+               "final_metrics": args.final_metrics, "device": args.device,
+               "no_cudnn_attention": args.no_cudnn_attention}
         for name in runs:
             print(f"running {name} ... load average {common.loadavg()}", flush=True)
             results[name] = spawn(name, {**job, "precompute": name == "trl-precompute"}, workdir)
