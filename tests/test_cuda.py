@@ -123,6 +123,11 @@ def test_train_on_cuda_takes_the_engines_model_and_hands_over_the_saved_one(tmp_
     from lidr.models import copy_tokenizer, load_model
     from lidr.pipeline.train import train_dpo_nll
 
+    # Accelerate's state is shared by the process: a TRL trainer made with use_cpu=True earlier
+    # (test_train.py) would keep every later Accelerator on the CPU
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
     tiny = save_tiny_gemma3(tmp_path / "tiny", WORDS, vocab_size=128, hidden_size=64, intermediate_size=128,
                             num_attention_heads=4, sliding_window=64, max_position_embeddings=256)
     save_model(load_model(tiny, dtype="float32", device="cpu"), tmp_path / "m0")  # lidr's layout, as M_t is
