@@ -103,13 +103,10 @@ def run_lidr(path, items, batch_size, max_new, rep):
     return secs, tokens, str(dtype).removeprefix("torch.")
 
 
-def run_hf(path, tok, items, batch_size, max_new, rep, dtype):
-    """`model.generate` on left-padded batches of `batch_size` prompts, `min_new_tokens` = the limit."""
+def run_hf(model, tok, items, batch_size, max_new, rep):
+    """`model.generate` on left-padded batches of `batch_size` prompts (`tok` pads on the left),
+    `min_new_tokens` = the limit."""
     import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), use_kernels=False).to("cuda").eval()
-    tok.padding_side = "left"
 
     def gen(prompts):
         enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to("cuda")
@@ -124,14 +121,13 @@ def run_hf(path, tok, items, batch_size, max_new, rep, dtype):
         tokens += gen([p for _, p, _ in items[s:s + batch_size]]).numel()
     torch.cuda.synchronize()
     secs = time.perf_counter() - t0
-    del model
-    torch.cuda.empty_cache()
     return secs, tokens
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from lidr.models import load_tokenizer, resolve_model
     from lidr.templates import choose_format
@@ -153,12 +149,8 @@ def main(argv=None) -> None:
         fmt = choose_format(tok, "auto")
         items = common.demo_items(fmt, args.n)
         sub = items[:: max(1, len(items) // args.n_batch1)][: args.n_batch1]
-        from transformers import AutoConfig
-
         config = AutoConfig.from_pretrained(path)
         with torch.device("meta"):
-            from transformers import AutoModelForCausalLM
-
             shape = AutoModelForCausalLM.from_config(config)
         params = sum(p.numel() for p in shape.parameters())
         print(f"model: {what}, {params / 1e6:.1f} M parameters, {2 * params / 1e9:.3f} GFLOP per token; "
@@ -170,13 +162,24 @@ def main(argv=None) -> None:
         if "lidr" not in skip:
             secs, tokens, dtype = run_lidr(path, items, args.batch_size, args.max_new_tokens, 1.1)
             results["lidr"] = (len(items), secs, tokens, f"HFBackend+run_batched, batch {args.batch_size}, {dtype}")
-        if "hf-batch1" not in skip:
-            secs, tokens = run_hf(path, tok, sub, 1, args.max_new_tokens, 1.1, args.dtype)
-            results["hf-batch1"] = (len(sub), secs, tokens, f"model.generate batch 1, {args.dtype}")
-        if "hf-static" not in skip:
-            secs, tokens = run_hf(path, tok, items, args.batch_size, args.max_new_tokens, 1.1, args.dtype)
-            results["hf-static"] = (len(items), secs, tokens,
-                                    f"model.generate, left-padded batches of {args.batch_size}, {args.dtype}")
+        if {"hf-batch1", "hf-static"} - skip:
+            from transformers import AutoTokenizer
+
+            # plain transformers, loaded once for both; a tokenizer of its own that pads on the left
+            # (lidr's is shared: load_tokenizer)
+            plain = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype),
+                                                         use_kernels=False).to("cuda").eval()
+            left = AutoTokenizer.from_pretrained(path, padding_side="left")
+            if left.pad_token is None:
+                left.pad_token = left.eos_token
+            if "hf-batch1" not in skip:
+                secs, tokens = run_hf(plain, left, sub, 1, args.max_new_tokens, 1.1)
+                results["hf-batch1"] = (len(sub), secs, tokens, f"model.generate batch 1, {args.dtype}")
+            if "hf-static" not in skip:
+                secs, tokens = run_hf(plain, left, items, args.batch_size, args.max_new_tokens, 1.1)
+                results["hf-static"] = (len(items), secs, tokens,
+                                        f"model.generate, left-padded batches of {args.batch_size}, {args.dtype}")
+            del plain
     rows = []
     for name, (n, secs, tokens, how) in results.items():
         rate = tokens / secs

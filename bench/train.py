@@ -309,27 +309,21 @@ def worker_hand(job: dict) -> dict:
             "first_loss": losses[0], "last_loss": losses[-1], "losses": losses}
 
 
-def attention_kernels(no_cudnn: bool):
-    """torch's choice of attention kernels, or (`--no-cudnn-attention`) all but cuDNN's, which
-    plans anew for every shape: lidr's decoder leaves it out on a GPU (lidr/backends/decode.py);
-    whether training should too is what this measures."""
-    import contextlib
-
-    if not no_cudnn:
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
-
-
 def run_worker(args) -> None:
     job = json.loads(args.job.read_text())
+    import contextlib
+
+    import torch
+
+    from lidr.backends.decode import gpu_attention
+
     job["examples"] = [json.loads(line) for line in Path(job["examples_file"]).read_text().splitlines()]
     if job.get("threads"):
-        import torch
-
         torch.set_num_threads(job["threads"])
-    with attention_kernels(job.get("no_cudnn_attention", False)):
+    # --no-cudnn-attention: every trainer as lidr's decoder runs on a GPU; whether training
+    # should too is what it measures
+    no_cudnn = job.get("no_cudnn_attention", False)
+    with gpu_attention(torch.device(job["device"])) if no_cudnn else contextlib.nullcontext():
         if args.worker == "lidr":
             result = worker_lidr(job)
         elif args.worker == "hand":
@@ -338,8 +332,6 @@ def run_worker(args) -> None:
             result = worker_trl(job, job.get("precompute", False))
     result["peak_rss_mb"] = peak_rss_mb()
     if job["device"] == "cuda":
-        import torch
-
         result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     Path(job["result"]).write_text(json.dumps(result))
 
@@ -405,7 +397,7 @@ def main(argv=None) -> None:
     print(f"finished {time.strftime('%H:%M:%S')}, load average {common.loadavg()}")
 
     # peak memory: the process's resident set on a CPU; on a GPU, what torch allocated there
-    peak = "peak_gpu_mb" if args.device == "cuda" else "peak_rss_mb"
+    peak, peak_label = ("peak_gpu_mb", "peak GPU MB") if args.device == "cuda" else ("peak_rss_mb", "peak RSS MB")
     rows = []
     for name, r in results.items():
         parts = ", ".join(f"{k} {v:.1f}" for k, v in r["parts"].items())
@@ -414,7 +406,7 @@ def main(argv=None) -> None:
                      parts])
     print()
     print(common.table(["trainer", "dtype", "steps", "train work s", "s/pair", "end-to-end s", "s/pair (e2e)",
-                        "peak GPU MB" if args.device == "cuda" else "peak RSS MB", "loss first -> last", "seconds by part"], rows))
+                        peak_label, "loss first -> last", "seconds by part"], rows))
 
     nan = float("nan")
     lidr, trl = results.get("lidr"), results.get("trl")

@@ -36,6 +36,7 @@ window; with any other cache the batch drains before the next one starts.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from collections import deque
@@ -406,7 +407,7 @@ class ContinuousDecoder:
         """Greedy continuations of the items, at most `max_rows` in the batch at once;
         `on_result(key, generation)` is called the moment a row finishes. `max_new_tokens`
         and `repetition_penalty` apply to the rows that do not set their own."""
-        with _attention_kernels(self.device):
+        with gpu_attention(self.device):
             self._run(items, max_rows, max_new_tokens, repetition_penalty, on_result)
 
     def _run(self, items, max_rows: int, max_new_tokens: int, repetition_penalty: float, on_result) -> None:
@@ -916,23 +917,18 @@ def _chunk_bounds(lengths: list[int], max_rows: int) -> list[tuple[int, int]]:
     return bounds[::-1]
 
 
-# scaled_dot_product_attention's kernels for the decoder on a GPU (None: torch's choice). Not
-# cuDNN's: it builds a plan for every new shape, and a decoding step's keys are one longer than
-# the last step's. On an H200 (torch 2.11, bf16, a model of gemma-3-270m's shape, 64 rows):
-# 158.6 ms a step with torch's choice on shapes not seen before, 31.8 ms on the same shapes again,
-# 25.5 ms without cuDNN (bench/README.md, round 21).
-GPU_ATTENTION_KERNELS: tuple[str, ...] | None = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
-
-
-def _attention_kernels(device: torch.device):
-    """On a GPU, attention through `GPU_ATTENTION_KERNELS` (names of torch's SDPBackend) only."""
-    import contextlib
-
-    if device.type != "cuda" or GPU_ATTENTION_KERNELS is None:
+def gpu_attention(device: torch.device):
+    """Within it, on a GPU, scaled_dot_product_attention runs without cuDNN's kernel (flash,
+    memory-efficient or math attention): cuDNN builds a plan for every new shape, and each
+    decoding step's keys are one longer than the last step's. On an H200 (torch 2.11, bf16, a
+    model of gemma-3-270m's shape, 64 rows): 158.6 ms a step with torch's choice on shapes not
+    seen before, 31.8 ms on the same shapes again, 25.5 ms without cuDNN (bench/README.md,
+    round 21). Elsewhere it changes nothing."""
+    if device.type != "cuda":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return sdpa_kernel([getattr(SDPBackend, name) for name in GPU_ATTENTION_KERNELS])
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
