@@ -34,7 +34,7 @@ lidr train work: >= 0.77 means lidr is within 1.3x of the hand loop.
     .venv/bin/python bench/train.py --limit 2        # smoke test
     .venv/bin/python bench/train.py --skip trl       # lidr and the hand loop only
     python bench/train.py --device cuda --synthetic 64 --model DIR   # on a GPU (peak memory: the GPU's)
-    python bench/train.py --device cuda --synthetic 64 --model DIR --no-cudnn-attention  # ... attention without cuDNN
+    python bench/train.py --device cuda --synthetic 64 --model DIR --no-cudnn-attention  # ... TRL and hand loop without cuDNN attention too
 """
 
 from __future__ import annotations
@@ -74,7 +74,8 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where every trainer runs (default cpu; cuda: peak memory is the GPU's, allocated by torch)")
     p.add_argument("--no-cudnn-attention", action="store_true",
-                   help="on a GPU, every trainer's attention without cuDNN's kernel (as lidr's decoder runs)")
+                   help="on a GPU, TRL and the hand loop too without cuDNN's attention kernel, as lidr trains "
+                        "(lidr.models.gpu_attention); without it they keep torch's choice")
     p.add_argument("--synthetic", type=int, default=None, metavar="N",
                    help="N synthetic pairs from the demo prompts instead of a run's pairs")
     p.add_argument("--final-metrics", action="store_true",
@@ -315,13 +316,13 @@ def run_worker(args) -> None:
 
     import torch
 
-    from lidr.backends.decode import gpu_attention
+    from lidr.models import gpu_attention
 
     job["examples"] = [json.loads(line) for line in Path(job["examples_file"]).read_text().splitlines()]
     if job.get("threads"):
         torch.set_num_threads(job["threads"])
-    # --no-cudnn-attention: every trainer as lidr's decoder runs on a GPU; whether training
-    # should too is what it measures
+    # --no-cudnn-attention: the other trainers as lidr trains on a GPU (its own forwards always
+    # leave cuDNN's attention out, since round 22): the baselines on the same kernels
     no_cudnn = job.get("no_cudnn_attention", False)
     with gpu_attention(torch.device(job["device"])) if no_cudnn else contextlib.nullcontext():
         if args.worker == "lidr":

@@ -186,6 +186,72 @@ class TokenLogProbs(torch.autograd.Function):
         return grad_h, grad_w, None, None
 
 
+class FrozenHeadLogProbs(torch.autograd.Function):
+    """log p(targets | h) through a frozen bias-free output layer (LoRA leaves it as loaded), for
+    GPUs: the rows in chunks of `chunk`, each chunk's [chunk, vocab] logits built in one product
+    and dropped before the next. The forward also works out what the backward needs of them, as
+    Liger's fused linear cross-entropy does: with the weight frozen, d logp_j / d h = J_j W[t_j]
+    - sum_v p_v J_v W_v (J: the soft-cap's derivative, 1 without one), so it keeps the second term
+    ([rows, hidden]) and the targets' rows of W, and the backward is a weighted sum. No logits array outlives its chunk, where
+    autograd keeps two fp32 [rows, vocab] arrays until the backward (480 MB for 240 rows of a 262k
+    vocabulary) and `TokenLogProbs` one. The same products as autograd: one forward, one for the
+    gradient. The weight gets no gradient.
+
+    h: [rows, hidden]; targets: [rows, k]. Returns [rows, k] fp32."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, softcap, chunk):
+        out, mean_w, jt = _frozen_head_chunks(h, weight, targets, softcap, chunk, want_grad=True)
+        ctx.save_for_backward(mean_w, weight[targets], jt)  # the targets' rows, not the whole weight
+        ctx.h_dtype = h.dtype
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        mean_w, target_w, jt = ctx.saved_tensors
+        grad = grad.float()
+        grad_h = torch.einsum("rk,rkd->rd", grad * jt, target_w.float()) - grad.sum(1, keepdim=True) * mean_w
+        return grad_h.to(ctx.h_dtype), None, None, None, None
+
+
+def _frozen_head_chunks(h, weight, targets, softcap, chunk, want_grad):
+    """The forward of `FrozenHeadLogProbs`: log-probs [rows, k], and with `want_grad` the
+    backward's sum_v p_v J_v W_v [rows, hidden] and J at each target [rows, k]."""
+    rows, k = targets.shape
+    out = h.new_empty(rows, k, dtype=torch.float32)
+    mean_w = h.new_empty(rows, h.shape[1], dtype=torch.float32) if want_grad else None
+    jt = h.new_ones(rows, k, dtype=torch.float32)
+    for s in range(0, rows, chunk):
+        t = targets[s:s + chunk]
+        logits = (h[s:s + chunk] @ weight.T).float()
+        if softcap:
+            tanh = logits.div_(softcap).tanh_()
+            logits = tanh * softcap
+        lse = logits.logsumexp(-1, keepdim=True)
+        out[s:s + chunk] = logits.gather(1, t) - lse
+        if not want_grad:
+            continue
+        p = logits.sub_(lse).exp_()  # the softmax, in place
+        if softcap:
+            j = 1 - tanh * tanh
+            jt[s:s + chunk] = j.gather(1, t)
+            p.mul_(j)
+        mean_w[s:s + chunk] = p.to(weight.dtype) @ weight
+    return out, mean_w, jt
+
+
+def frozen_head_logps(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float | None,
+                      max_logits: int = 2**24) -> torch.Tensor:
+    """`FrozenHeadLogProbs` in chunks of at most `max_logits` logits (64 MB in fp32: 64 rows of a 262k
+    vocabulary; a chunk's products and softmax take about four such arrays while it runs); without a
+    gradient to compute (scoring), the forward alone."""
+    chunk = max(1, max_logits // weight.shape[0])
+    if torch.is_grad_enabled() and h.requires_grad:
+        return FrozenHeadLogProbs.apply(h, weight.detach(), targets, softcap, chunk)
+    return _frozen_head_chunks(h, weight.detach(), targets, softcap, chunk, want_grad=False)[0]
+
+
 class HalfHead:
     """An fp16 copy of a bias-free fp32 output layer, for screening one row's greedy choice.
 

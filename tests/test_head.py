@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lidr.head import BLOCK, HalfHead, TokenLogProbs, greedy_t, logits_t, token_logps
+from lidr.head import BLOCK, HalfHead, TokenLogProbs, frozen_head_logps, greedy_t, logits_t, token_logps
 
 
 @pytest.mark.parametrize("rows", [3, 40])  # one product / blockwise products
@@ -107,6 +107,52 @@ def test_scoring_head_matches_the_training_head(softcap, k):
     got = token_logps(h, w, targets, softcap)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got, TokenLogProbs.apply(h, w, targets, softcap), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("max_logits", [2500 * 64, 2500 * 7])  # one chunk of rows / several, the last partial
+def test_frozen_head_values_and_input_gradient_match_autograd(softcap, k, max_logits):
+    """The GPU's LoRA head (the gradient worked out in the forward, no logits kept): autograd's
+    log-probs and gradient for h, in chunks of rows or not; no gradient for the frozen weight."""
+    torch.manual_seed(0)
+    w = torch.randn(2500, 16, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 2500, (37, k))
+    targets[1] = targets[0]  # the same targets in two rows
+    weights = torch.randn(37, k, dtype=torch.float64)
+
+    logits = F.linear(h, w)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    want = logits.gather(1, targets) - logits.logsumexp(1, keepdim=True)
+    (gh,) = torch.autograd.grad((want * weights).sum(), (h,))
+
+    got = frozen_head_logps(h, w, targets, softcap, max_logits=max_logits)
+    (fh,) = torch.autograd.grad((got * weights).sum(), (h,))
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fh, gh, rtol=1e-4, atol=1e-5)
+    assert w.grad is None
+    with torch.no_grad():  # scoring: the forward alone, the same values
+        torch.testing.assert_close(frozen_head_logps(h, w, targets, softcap, max_logits=max_logits), got.detach())
+
+
+def test_frozen_head_in_bf16_is_autograds_bf16_head():
+    """In bf16 (LoRA on a GPU) the values are those of the plain head's bf16 logits, and the
+    gradient for h agrees with autograd's to bf16 rounding."""
+    torch.manual_seed(0)
+    w = torch.randn(3000, 64, dtype=torch.bfloat16) * 0.1
+    h = torch.randn(20, 64, dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.randint(0, 3000, (20, 2))
+    weights = torch.randn(20, 2)
+    logits = F.linear(h, w).float()
+    want = logits.gather(1, targets) - logits.logsumexp(1, keepdim=True)
+    (gh,) = torch.autograd.grad((want * weights).sum(), (h,))
+    got = frozen_head_logps(h, w, targets, None)
+    (fh,) = torch.autograd.grad((got * weights).sum(), (h,))
+    assert fh.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(fh.float(), gh.float(), rtol=0.02, atol=0.02 * gh.float().abs().max().item())
 
 
 @pytest.mark.parametrize("bad, usable", [(None, True), (6e4, True), (7e4, False), (float("inf"), False),

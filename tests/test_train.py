@@ -204,6 +204,71 @@ def test_response_logps_equal_full_logits(tiny, monkeypatch):
     torch.testing.assert_close(torch.autograd.grad(chunked.sum(), lm.model.layers[0].mlp.up_proj.weight), grads)
 
 
+@pytest.mark.parametrize("packed", [True, False])  # the one-row layout / the shared-prompt layout
+def test_every_output_layer_path_gives_the_same_values_and_lora_gradients(tiny, monkeypatch, packed):
+    """The three ways the response log-probs reach the output layer in LoRA training: the CPU's
+    blockwise head (`TokenLogProbs`), autograd's plain head (FSDP, several processes), and the
+    frozen head of a GPU in one process (`frozen_head_logps`: no logits kept for the backward).
+    The last two run here on the CPU by choice of the switches; Gemma's soft-capping is on."""
+    from peft import LoraConfig as PeftLora
+    from peft import get_peft_model
+
+    tok, lm = _load(tiny)
+    lm = get_peft_model(lm, PeftLora(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+    torch.manual_seed(1)
+    for n, p in lm.named_parameters():  # B = 0 at the start would make every gradient but B's zero
+        if "lora_B" in n:
+            p.data.normal_(0, 0.05)
+    pairs, _ = tokenize_pairs(tok, EXAMPLES[:4], max_length=512)
+    batch = collate(pairs, [0, 1, 2, 3], tok.pad_token_id)
+    trained = [p for p in lm.parameters() if p.requires_grad]
+    policy = ResponseLogProbs(lm)
+    policy.pack_batches = packed
+
+    def run(blockwise: bool, frozen: bool):
+        monkeypatch.setattr(train_mod, "_blockwise_head", lambda h, head: blockwise)
+        monkeypatch.setattr(train_mod, "_frozen_gpu_head", lambda h, head: frozen)
+        logps, _ = policy(**batch)
+        weights = torch.linspace(-1, 1, len(logps))  # an arbitrary upstream gradient
+        return logps, torch.autograd.grad((logps * weights).sum(), trained)
+
+    blockwise, plain, frozen = run(True, False), run(False, False), run(False, True)
+    assert lm.get_output_embeddings().weight.grad is None
+    for values, grads in (blockwise, frozen):
+        torch.testing.assert_close(values, plain[0], rtol=1e-5, atol=1e-5)
+        for got, want in zip(grads, plain[1]):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_training_forwards_leave_cudnn_attention_out_on_their_device(tiny, monkeypatch):
+    """Every forward of the trainer's module (training steps and the scoring passes, each batch
+    a new shape) runs inside `gpu_attention` for the device of its batch: on a GPU, no cuDNN
+    attention, whose per-shape plans made LoRA training 3.5x slower in a new process on an H200
+    (bench/README.md, round 22). The flags themselves: test_decode.py."""
+    import contextlib
+
+    tok, lm = _load(tiny)
+    pairs, _ = tokenize_pairs(tok, EXAMPLES[:4], max_length=512)
+    batch = collate(pairs, [0, 1, 2, 3], tok.pad_token_id)
+    full = _full_batch(pairs, [0, 1], tok.pad_token_id)
+    inside, devices, bodies = [False], [], []
+
+    @contextlib.contextmanager
+    def recorded(device):
+        devices.append(device)
+        inside[0] = True
+        yield
+        inside[0] = False
+
+    monkeypatch.setattr(train_mod, "gpu_attention", recorded)
+    lm.model.register_forward_pre_hook(lambda *_: bodies.append(inside[0]))
+    policy = ResponseLogProbs(lm)
+    policy(**batch)
+    policy(**full)
+    policy(**full, prefix_ids=full["input_ids"][0, :2])
+    assert devices == [torch.device("cpu")] * 3 and len(bodies) >= 3 and all(bodies)
+
+
 def _tiny_lm(kind: str):
     """A random tiny causal LM from a config, fp32: Gemma 3 (one sliding and one full-attention
     layer, logit soft-capping) with a sliding window of 4, far shorter than the sequences

@@ -36,7 +36,6 @@ window; with any other cache the batch drains before the next one starts.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 from collections import deque
@@ -49,6 +48,7 @@ import torch.nn.functional as F
 from lidr import packed_linear
 from lidr.backends.gemma3_body import Gemma3Body
 from lidr.head import CHUNK, HalfHead, Int8Head, greedy_t, logits_t, penalized
+from lidr.models import gpu_attention
 
 
 @dataclass
@@ -915,20 +915,6 @@ def _chunk_bounds(lengths: list[int], max_rows: int) -> list[tuple[int, int]]:
         bounds.append((cut[end], end))
         end = cut[end]
     return bounds[::-1]
-
-
-def gpu_attention(device: torch.device):
-    """Within it, on a GPU, scaled_dot_product_attention runs without cuDNN's kernel (flash,
-    memory-efficient or math attention): cuDNN builds a plan for every new shape, and each
-    decoding step's keys are one longer than the last step's. On an H200 (torch 2.11, bf16, a
-    model of gemma-3-270m's shape, 64 rows): 158.6 ms a step with torch's choice on shapes not
-    seen before, 31.8 ms on the same shapes again, 25.5 ms without cuDNN (bench/README.md,
-    round 21). Elsewhere it changes nothing."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

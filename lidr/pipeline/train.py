@@ -52,7 +52,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lidr.config import TrainingConfig
-from lidr.head import TokenLogProbs, token_logps
+from lidr.head import TokenLogProbs, frozen_head_logps, token_logps
+from lidr.models import gpu_attention
 
 # Largest logits block (positions x vocab) built at once. Beyond it the head runs in chunks,
 # each recomputed in the backward pass, so memory stays bounded on long GPU batches.
@@ -143,6 +144,9 @@ def _token_logps(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, s
         else:  # scoring: one block at a time, nothing kept
             out = token_logps(hidden, head.weight, k_targets, softcap)
         return out.view(targets.shape)
+    if _frozen_gpu_head(hidden, head):
+        # LoRA on a GPU: the logits in row chunks, none kept for the backward (lidr/head.py)
+        return frozen_head_logps(hidden, head.weight, targets.view(len(targets), -1), softcap).view(targets.shape)
     logits = head(hidden).float()
     if softcap is not None:  # Gemma 2-style final logit soft-capping, as in the model's own forward
         logits = torch.tanh(logits / softcap) * softcap
@@ -157,6 +161,15 @@ def _blockwise_head(hidden: torch.Tensor, head: nn.Module) -> bool:
     return hidden.device.type == "cpu" and type(head) is nn.Linear and head.bias is None and head.weight.dim() == 2
 
 
+def _frozen_gpu_head(hidden: torch.Tensor, head: nn.Module) -> bool:
+    """A frozen bias-free output layer off the CPU, in one process, in the body's dtype. (Under
+    FSDP or ZeRO-3 the weight is whole only inside the layer's own forward, which this path does
+    not call; several processes keep autograd's path, untried with this one.)"""
+    return (hidden.device.type != "cpu" and type(head) is nn.Linear and head.bias is None
+            and not head.weight.requires_grad and head.weight.dim() == 2 and head.weight.dtype == hidden.dtype
+            and not (torch.distributed.is_available() and torch.distributed.is_initialized()))
+
+
 def _head_logps(hidden: torch.Tensor, targets: torch.Tensor, causal: nn.Module) -> torch.Tensor:
     """`_token_logps` with the causal LM's output layer, in chunks of rows where the logits block
     would be large: without a backward pass small chunks cost nothing (and the CPU's blockwise
@@ -167,7 +180,7 @@ def _head_logps(hidden: torch.Tensor, targets: torch.Tensor, causal: nn.Module) 
     grad = torch.is_grad_enabled()
     vocab = getattr(head, "out_features", None) or head.weight.shape[0]  # (ZeRO-3 empties .weight)
     step = max(1, (LOGITS_BLOCK if grad or _blockwise_head(hidden, head) else LOGITS_BLOCK // 8) // vocab)
-    if len(hidden) <= step:
+    if len(hidden) <= step or _frozen_gpu_head(hidden, head):  # (the latter chunks its rows itself)
         return _token_logps(hidden, targets, head, softcap)
     chunk = lambda a, b: _token_logps(a, b, head, softcap)  # noqa: E731
     run = (lambda a, b: checkpoint(chunk, a, b, use_reentrant=False)) if grad else chunk
@@ -307,6 +320,14 @@ class ResponseLogProbs(nn.Module):
 
     def forward(self, input_ids=None, attention_mask=None, response_mask=None, *, prompt_ids=None,
                 prompt_attention_mask=None, response_ids=None, response_attention_mask=None, prefix_ids=None, **_):
+        # every batch is a shape of its own: on a GPU, attention without cuDNN's per-shape plans
+        # (the backward runs the kernel the forward chose)
+        with gpu_attention((input_ids if input_ids is not None else prompt_ids).device):
+            return self._forward(input_ids, attention_mask, response_mask, prompt_ids, prompt_attention_mask,
+                                 response_ids, response_attention_mask, prefix_ids)
+
+    def _forward(self, input_ids, attention_mask, response_mask, prompt_ids, prompt_attention_mask, response_ids,
+                 response_attention_mask, prefix_ids):
         causal = self._causal()
         if input_ids is not None:
             if prefix_ids is not None:
