@@ -190,38 +190,40 @@ class FrozenHeadLogProbs(torch.autograd.Function):
     """log p(targets | h) through a frozen bias-free output layer (LoRA leaves it as loaded), for
     GPUs: the rows in chunks of `chunk`, each chunk's [chunk, vocab] logits built in one product
     and dropped before the next. The forward also works out what the backward needs of them, as
-    Liger's fused linear cross-entropy does: with the weight frozen, d logp_j / d h = J_j W[t_j]
-    - sum_v p_v J_v W_v (J: the soft-cap's derivative, 1 without one), so it keeps the second term
-    ([rows, hidden]) and the targets' rows of W, and the backward is a weighted sum. No logits array outlives its chunk, where
-    autograd keeps two fp32 [rows, vocab] arrays until the backward (480 MB for 240 rows of a 262k
-    vocabulary) and `TokenLogProbs` one. The same products as autograd: one forward, one for the
-    gradient. The weight gets no gradient.
+    Liger's fused linear cross-entropy does: with the weight frozen, the gradient of logp_j for h
+    is (J (onehot(t_j) - p)) @ W (J: the soft-cap's derivative, 1 without one), a [hidden] vector
+    per row and target, and the backward is their sum weighted by the upstream gradient. No
+    logits array outlives its chunk, where autograd keeps two fp32 [rows, vocab] arrays until the
+    backward (480 MB for 240 rows of a 262k vocabulary) and `TokenLogProbs` one. onehot - p is
+    formed in fp32 before the product, as autograd forms it: a confident row (p_t near 1) keeps
+    its small gradient (W_t - sum_v p_v W_v in bf16 would cancel it away). The same products as
+    autograd: one forward, one for the gradient, and one more for each row whose other targets
+    differ from its first (the first response token of a pair: one row per pair). The weight
+    gets no gradient.
 
     h: [rows, hidden]; targets: [rows, k]. Returns [rows, k] fp32."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, softcap, chunk):
-        out, mean_w, jt = _frozen_head_chunks(h, weight, targets, softcap, chunk, want_grad=True)
-        ctx.save_for_backward(mean_w, weight[targets], jt)  # the targets' rows, not the whole weight
+        out, grads = _frozen_head_chunks(h, weight, targets, softcap, chunk, want_grad=True)
+        ctx.save_for_backward(grads)
         ctx.h_dtype = h.dtype
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        mean_w, target_w, jt = ctx.saved_tensors
-        grad = grad.float()
-        grad_h = torch.einsum("rk,rkd->rd", grad * jt, target_w.float()) - grad.sum(1, keepdim=True) * mean_w
-        return grad_h.to(ctx.h_dtype), None, None, None, None
+        (grads,) = ctx.saved_tensors
+        return torch.einsum("rk,rkd->rd", grad.float(), grads).to(ctx.h_dtype), None, None, None, None
 
 
 def _frozen_head_chunks(h, weight, targets, softcap, chunk, want_grad):
     """The forward of `FrozenHeadLogProbs`: log-probs [rows, k], and with `want_grad` the
-    backward's sum_v p_v J_v W_v [rows, hidden] and J at each target [rows, k]."""
+    gradient of each for h, [rows, k, hidden] fp32 (rounded as the product in the weight's dtype
+    rounds it)."""
     rows, k = targets.shape
     out = h.new_empty(rows, k, dtype=torch.float32)
-    mean_w = h.new_empty(rows, h.shape[1], dtype=torch.float32) if want_grad else None
-    jt = h.new_ones(rows, k, dtype=torch.float32)
+    grads = h.new_empty(rows, k, h.shape[1], dtype=torch.float32) if want_grad else None
     for s in range(0, rows, chunk):
         t = targets[s:s + chunk]
         logits = (h[s:s + chunk] @ weight.T).float()
@@ -233,12 +235,21 @@ def _frozen_head_chunks(h, weight, targets, softcap, chunk, want_grad):
         if not want_grad:
             continue
         p = logits.sub_(lse).exp_()  # the softmax, in place
-        if softcap:
-            j = 1 - tanh * tanh
-            jt[s:s + chunk] = j.gather(1, t)
-            p.mul_(j)
-        mean_w[s:s + chunk] = p.to(weight.dtype) @ weight
-    return out, mean_w, jt
+        j = 1 - tanh * tanh if softcap else None
+        g = grads[s:s + chunk]
+        for col in range(1, k):  # the rows whose target col differs from their first (few)
+            other = (t[:, col] != t[:, 0]).nonzero()[:, 0]
+            if len(other):
+                d = -p[other]
+                d[torch.arange(len(other), device=d.device), t[other, col]] += 1
+                g[other, col] = ((d if j is None else d.mul_(j[other])).to(weight.dtype) @ weight).float()
+        d = p.neg_()  # onehot(t_0) - p for every row, in place of p
+        d[torch.arange(len(t), device=d.device), t[:, 0]] += 1
+        g[:, 0] = (d if j is None else d.mul_(j)).to(weight.dtype) @ weight
+        for col in range(1, k):
+            same = t[:, col] == t[:, 0]
+            g[same, col] = g[same, 0]
+    return out, grads
 
 
 def frozen_head_logps(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float | None,

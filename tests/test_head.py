@@ -155,6 +155,34 @@ def test_frozen_head_in_bf16_is_autograds_bf16_head():
     torch.testing.assert_close(fh.float(), gh.float(), rtol=0.02, atol=0.02 * gh.float().abs().max().item())
 
 
+@pytest.mark.parametrize("layout", ["same target twice", "second target confident"])
+def test_frozen_head_keeps_a_confident_rows_gradient_in_bf16(layout):
+    """Rows whose target has p near 1 (what NLL trains on) have a small gradient, W_t - sum p W:
+    formed as (onehot - p) in fp32 before the bf16 product, as autograd forms it, each row's
+    gradient stays autograd's to bf16 rounding (formed as W_t minus a bf16 sum, it was lost: a
+    row off by a factor of 2e5). Both of `_pair_sums`' layouts: a response position's target
+    twice; a pair's first tokens (chosen, rejected), here the second the likely one."""
+    torch.manual_seed(0)
+    w = (torch.randn(32768, 64) * 0.05).bfloat16()
+    h0 = (torch.randn(64, 64) * 100).bfloat16()
+    top = (h0.float() @ w.float().T).topk(2, 1).indices
+    targets = top[:, :1].expand(-1, 2).contiguous() if layout == "same target twice" else top[:, [1, 0]].contiguous()
+    upstream = torch.randn(64, 2)
+
+    def grad(logps):
+        h = h0.clone().requires_grad_()
+        (logps(h) * upstream).sum().backward()
+        return h.grad.float()
+
+    def plain(h):
+        logits = F.linear(h, w).float()
+        return logits.gather(1, targets) - logits.logsumexp(1, keepdim=True)
+
+    assert plain(h0).exp().max(1).values.median() > 0.99  # confident rows
+    want, got = grad(plain), grad(lambda h: frozen_head_logps(h, w, targets, None))
+    assert ((got - want).norm(dim=1) / want.norm(dim=1)).max() < 0.05
+
+
 @pytest.mark.parametrize("bad, usable", [(None, True), (6e4, True), (7e4, False), (float("inf"), False),
                                          (float("nan"), False)])
 def test_half_screen_refuses_weights_fp16_cannot_hold(bad, usable):

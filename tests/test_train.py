@@ -269,6 +269,33 @@ def test_training_forwards_leave_cudnn_attention_out_on_their_device(tiny, monke
     assert devices == [torch.device("cpu")] * 3 and len(bodies) >= 3 and all(bodies)
 
 
+def test_training_backward_runs_inside_the_attention_context_for_checkpointed_layers(tiny, tmp_path, monkeypatch):
+    """With gradient checkpointing the layers run again during the backward: that runs inside
+    `gpu_attention` too, or a GPU would recompute them with another attention kernel than the
+    forward's and the checkpoint would refuse them ("Recomputed values ... have different
+    metadata"). Every attention call, first or recomputed, is inside it."""
+    import contextlib
+
+    inside, calls = [False], []
+
+    @contextlib.contextmanager
+    def recorded(device):
+        before = inside[0]
+        inside[0] = True
+        yield
+        inside[0] = before
+
+    monkeypatch.setattr(train_mod, "gpu_attention", recorded)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(inside[0]) or sdpa(*a, **k))
+    train_dpo_nll(tiny, EXAMPLES[:4], tmp_path / "m1", _cfg(gradient_checkpointing=True, batch_size=2,
+                                                            lora=LoraConfig(r=4, alpha=8)),
+                  seed=0, log_dir=tmp_path / "log")
+    # reference pass 2 layers, 2 steps x 2 layers, each recomputed once in the backward
+    assert len(calls) == 2 + 2 * 2 * 2 and all(calls)
+
+
 def _tiny_lm(kind: str):
     """A random tiny causal LM from a config, fp32: Gemma 3 (one sliding and one full-attention
     layer, logit soft-capping) with a sliding window of 4, far shorter than the sequences

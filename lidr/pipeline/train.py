@@ -174,7 +174,8 @@ def _head_logps(hidden: torch.Tensor, targets: torch.Tensor, causal: nn.Module) 
     """`_token_logps` with the causal LM's output layer, in chunks of rows where the logits block
     would be large: without a backward pass small chunks cost nothing (and the CPU's blockwise
     scoring keeps one block whatever the rows); with one, each chunk is recomputed there
-    (checkpoint), so its logits are not kept."""
+    (checkpoint), so its logits are not kept. (A GPU's frozen LoRA head chunks its rows itself
+    and keeps no logits: `_frozen_gpu_head`.)"""
     head = causal.get_output_embeddings()
     softcap = getattr(causal.config.get_text_config(), "final_logit_softcapping", None)
     grad = torch.is_grad_enabled()
@@ -321,7 +322,8 @@ class ResponseLogProbs(nn.Module):
     def forward(self, input_ids=None, attention_mask=None, response_mask=None, *, prompt_ids=None,
                 prompt_attention_mask=None, response_ids=None, response_attention_mask=None, prefix_ids=None, **_):
         # every batch is a shape of its own: on a GPU, attention without cuDNN's per-shape plans
-        # (the backward runs the kernel the forward chose)
+        # (the backward runs the kernel the forward chose; the trainer's backward runs inside it
+        # too, for layers that gradient checkpointing runs again there)
         with gpu_attention((input_ids if input_ids is not None else prompt_ids).device):
             return self._forward(input_ids, attention_mask, response_mask, prompt_ids, prompt_attention_mask,
                                  response_ids, response_attention_mask, prefix_ids)
@@ -995,7 +997,8 @@ def train_dpo_nll(model_path: str | Path, examples: list[dict], out_dir: str | P
                         logps, ntok = policy(**batch)
                     loss, terms = dpo_nll_loss(logps.float(), ref[batch["index"]].T.flatten(), ntok, cfg.beta,
                                                cfg.nll_weight, weights=batch["weight"])
-                    acc.backward(loss)  # divided by the accumulation inside
+                    with gpu_attention(acc.device):  # layers checkpointed run again in the backward
+                        acc.backward(loss)  # divided by the accumulation inside
                     if acc.sync_gradients:
                         acc.clip_grad_norm_(clipped(), 1.0)
                     optimizer.step()  # a no-op until the last micro-batch of the step
