@@ -240,6 +240,26 @@ def test_every_output_layer_path_gives_the_same_values_and_lora_gradients(tiny, 
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
+def test_lora_training_through_the_gpus_head_path_follows_the_same_steps(tiny, tmp_path, monkeypatch):
+    """A whole LoRA training through the output-layer path a GPU takes in one process
+    (`frozen_head_logps`, chosen here on the CPU by its switches): the reference pass, every
+    step's loss and the final metrics are those of the CPU's blockwise head."""
+    cfg = _cfg(learning_rate=1e-2, epochs=2, batch_size=2, lora=LoraConfig(r=4, alpha=8), final_metrics=True)
+    runs = {}
+    for path in ("cpu", "gpu"):
+        if path == "gpu":
+            monkeypatch.setattr(train_mod, "_blockwise_head", lambda h, head: False)
+            monkeypatch.setattr(train_mod, "_frozen_gpu_head", lambda h, head: not head.weight.requires_grad)
+        summary = train_dpo_nll(tiny, EXAMPLES, tmp_path / path, cfg, seed=0, log_dir=tmp_path / f"log-{path}")
+        lines = [json.loads(x) for x in (tmp_path / f"log-{path}/metrics.jsonl").read_text().splitlines()]
+        runs[path] = summary, [line["loss"] for line in lines]
+    (cpu, cpu_losses), (gpu, gpu_losses) = runs["cpu"], runs["gpu"]
+    assert len(cpu_losses) == 8 and gpu_losses == pytest.approx(cpu_losses, rel=1e-4)
+    assert gpu["initial"]["loss"] == pytest.approx(cpu["initial"]["loss"], rel=1e-5)
+    assert gpu["final"]["loss"] == pytest.approx(cpu["final"]["loss"], rel=1e-4)
+    assert gpu["final"]["loss"] < gpu["initial"]["loss"]
+
+
 def test_training_forwards_leave_cudnn_attention_out_on_their_device(tiny, monkeypatch):
     """Every forward of the trainer's module (training steps and the scoring passes, each batch
     a new shape) runs inside `gpu_attention` for the device of its batch: on a GPU, no cuDNN
