@@ -295,10 +295,10 @@ def main(argv=None) -> None:
     backend.close()
     del model
     if "hf-batch1" not in skip:
-        from transformers import AutoModelForCausalLM
+        from lidr.models import causal_lm  # from_pretrained without the Hub's kernels
 
         # plain transformers: a model of its own, without what lidr's loading and decoder add to theirs
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=b1_dtype, use_kernels=False).eval().requires_grad_(False)
+        model = causal_lm(path, dtype=b1_dtype).eval().requires_grad_(False)
         print(f"running hf-batch1 ({len(sub)} prompts, {b1_dtype}) ... load {common.loadavg()}", flush=True)
         texts, secs = run_hf_batch1(model, tok, eos_ids, sub, args.max_new_tokens, args.repetition_penalty)
         results["hf-batch1"] = (texts, secs, f"model.generate batch 1, {b1_dtype}")

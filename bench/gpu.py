@@ -129,7 +129,7 @@ def main(argv=None) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lidr.models import load_tokenizer, resolve_model
+    from lidr.models import causal_lm, load_tokenizer, resolve_model
     from lidr.templates import choose_format
 
     if not torch.cuda.is_available():
@@ -167,8 +167,7 @@ def main(argv=None) -> None:
 
             # plain transformers, loaded once for both; a tokenizer of its own that pads on the left
             # (lidr's is shared: load_tokenizer)
-            plain = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype),
-                                                         use_kernels=False).to("cuda").eval()
+            plain = causal_lm(path, dtype=getattr(torch, args.dtype)).to("cuda").eval()
             left = AutoTokenizer.from_pretrained(path, padding_side="left")
             if left.pad_token is None:
                 left.pad_token = left.eos_token

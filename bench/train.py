@@ -153,18 +153,19 @@ def worker_trl(job: dict, precompute: bool) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
+    from lidr.models import causal_lm
     from lidr.pipeline.train import resolve_dtype
 
     dtype = resolve_dtype(job["dtype"])
     work = Path(job["workdir"])
     start = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(job["model"])
-    # use_kernels=False: as lidr loads (lidr.models.causal_lm); transformers' default fetches
+    # from_pretrained without the Hub's kernels, as lidr loads: transformers' default fetches
     # layers from the Hub at .train(), which fails offline on a GPU
-    model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=dtype, use_kernels=False)
+    model = causal_lm(job["model"], dtype=dtype)
     args = DPOConfig(
         output_dir=str(work / "trl-out"), beta=BETA, loss_type=["sigmoid", "sft"], loss_weights=[1.0, NLL_WEIGHT],
         max_length=MAX_LENGTH, per_device_train_batch_size=job["batch_size"],
@@ -200,8 +201,9 @@ def worker_hand(job: dict) -> dict:
     import torch
     import torch.nn.functional as F
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
+    from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
 
+    from lidr.models import causal_lm  # from_pretrained without the Hub's kernels
     from lidr.pipeline.train import resolve_dtype  # the dtype the other workers get ("auto": fp32 here)
 
     dtype = resolve_dtype(job["dtype"])
@@ -224,7 +226,7 @@ def worker_hand(job: dict) -> dict:
         pairs.append((p, c, r))
     n = len(pairs)
 
-    model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=dtype, use_kernels=False).to(device)
+    model = causal_lm(job["model"], dtype=dtype).to(device)
     model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                                              target_modules=LORA["target_modules"], task_type="CAUSAL_LM"))
     causal = model.get_base_model()

@@ -1,5 +1,7 @@
 """Shared fixtures: real servers on localhost (see servers.py); one torch thread for tiny models."""
 
+import contextlib
+
 import pytest
 
 from servers import llama_server
@@ -10,6 +12,28 @@ def llama_url():
     """Base URL (…/v1) of llama-cpp-python's OpenAI-compatible server on the embedded GGUF."""
     with llama_server() as url:
         yield url
+
+
+class RecordedAttention:
+    """A stand-in for `lidr.models.gpu_attention` (monkeypatched where a module calls it): the
+    devices it was entered for, and whether a call runs inside it now (`inside`)."""
+
+    def __init__(self):
+        self.devices, self.inside = [], False
+
+    @contextlib.contextmanager
+    def __call__(self, device):
+        self.devices.append(device)
+        before, self.inside = self.inside, True
+        try:
+            yield
+        finally:
+            self.inside = before
+
+
+@pytest.fixture
+def recorded_attention():
+    return RecordedAttention()
 
 
 @pytest.fixture(scope="module")

@@ -164,46 +164,32 @@ def test_train_on_cuda_takes_the_engines_model_and_hands_over_the_saved_one(tmp_
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_lora_head_on_cuda_keeps_no_logits_and_matches_autograd(dtype, monkeypatch):
-    """LoRA training on one GPU takes the frozen output layer's path (`frozen_head_logps`): the
-    same log-probs and LoRA gradients as autograd's head, up to the dtype's rounding."""
-    from peft import LoraConfig as PeftLora
-    from peft import get_peft_model
-    from test_train import EXAMPLES
+def test_lora_head_on_cuda_takes_the_frozen_head_and_matches_autograd(dtype, monkeypatch):
+    """LoRA training on one GPU takes the frozen output layer's path (`frozen_head_logps`, which
+    keeps no logits: tests/test_head.py): the same log-probs and LoRA gradients as autograd's
+    head, up to the dtype's rounding."""
+    from test_train import EXAMPLES, _logps_and_grads, _random_lora
     from tiny import save_tiny_gemma3
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     import lidr.pipeline.train as train_mod
+    from lidr.models import causal_lm, load_tokenizer
     from lidr.pipeline.train import ResponseLogProbs, collate, tokenize_pairs
 
     with tempfile.TemporaryDirectory() as tmp:
         path = save_tiny_gemma3(Path(tmp) / "tiny", WORDS, vocab_size=128, hidden_size=64, intermediate_size=128,
                                 num_attention_heads=4, sliding_window=64, max_position_embeddings=256)
-        tok = AutoTokenizer.from_pretrained(path)
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_kernels=False).to("cuda")
-    lm = get_peft_model(lm, PeftLora(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
-    torch.manual_seed(1)
-    for n, p in lm.named_parameters():
-        if "lora_B" in n:
-            p.data.normal_(0, 0.05)
+        tok = load_tokenizer(path)
+        lm, trained = _random_lora(causal_lm(path, dtype=dtype).to("cuda"))
     pairs, _ = tokenize_pairs(tok, EXAMPLES[:4], max_length=512)
     batch = {k: v.to("cuda") for k, v in collate(pairs, [0, 1, 2, 3], tok.pad_token_id).items()}
-    trained = [p for p in lm.parameters() if p.requires_grad]
     policy = ResponseLogProbs(lm)
     used = []
     frozen = train_mod._frozen_gpu_head
-
-    def run():
-        logps, _ = policy(**batch)
-        weights = torch.linspace(-1, 1, len(logps), device="cuda")
-        return logps, torch.autograd.grad((logps * weights).sum(), trained)
-
     monkeypatch.setattr(train_mod, "_frozen_gpu_head", lambda h, head: used.append(frozen(h, head)) or used[-1])
-    got = run()
+    got = _logps_and_grads(policy, batch, trained)
     assert used and all(used)  # the GPU's LoRA head was taken
     monkeypatch.setattr(train_mod, "_frozen_gpu_head", lambda h, head: False)
-    want = run()
+    want = _logps_and_grads(policy, batch, trained)
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=0.05, atol=0.05)
     torch.testing.assert_close(got[0], want[0], **tol)
     for g, w in zip(got[1], want[1]):

@@ -988,34 +988,16 @@ def test_stop_strings_are_found_at_the_same_token_when_the_window_is_decoded_les
     assert decoded < tokens / 2  # and most tokens are not followed by a decode of the window
 
 
-def test_decoding_on_a_gpu_leaves_cudnn_attention_out(backend, monkeypatch):
+def test_decoding_on_a_gpu_leaves_cudnn_attention_out(backend, monkeypatch, recorded_attention):
     """On a GPU the decoder's attention runs without cuDNN's kernel, which plans anew for every
     shape (each step's keys are one longer): 158.6 against 25.5 ms a step on an H200
-    (bench/README.md, round 21). `gpu_attention` turns torch's cuDNN flag off for a GPU and
-    back after; a run makes every forward inside it, for its own device."""
-    import contextlib
-
+    (bench/README.md, round 21). A run makes every step inside `gpu_attention`, for its own
+    device (the flags it sets: test_models.py)."""
     import lidr.backends.decode as decode
 
-    before = torch.backends.cuda.cudnn_sdp_enabled()
-    with decode.gpu_attention(torch.device("cuda")):
-        assert not torch.backends.cuda.cudnn_sdp_enabled()
-        assert torch.backends.cuda.mem_efficient_sdp_enabled() and torch.backends.cuda.flash_sdp_enabled()
-    assert torch.backends.cuda.cudnn_sdp_enabled() == before
-    with decode.gpu_attention(torch.device("cpu")):
-        assert torch.backends.cuda.cudnn_sdp_enabled() == before
-
-    inside, devices, steps = [False], [], []
-
-    @contextlib.contextmanager
-    def recorded(device):
-        devices.append(device)
-        inside[0] = True
-        yield
-        inside[0] = False
-
-    monkeypatch.setattr(decode, "gpu_attention", recorded)
+    steps = []
+    monkeypatch.setattr(decode, "gpu_attention", recorded_attention)
     step = backend.decoder._step
-    monkeypatch.setattr(backend.decoder, "_step", lambda *a: steps.append(inside[0]) or step(*a))
+    monkeypatch.setattr(backend.decoder, "_step", lambda *a: steps.append(recorded_attention.inside) or step(*a))
     backend.generate(PROMPTS[:3], max_new_tokens=4)
-    assert devices == [backend.decoder.device] and steps and all(steps)
+    assert recorded_attention.devices == [backend.decoder.device] and steps and all(steps)

@@ -129,6 +129,8 @@ def test_frozen_head_values_and_input_gradient_match_autograd(softcap, k, max_lo
     (gh,) = torch.autograd.grad((want * weights).sum(), (h,))
 
     got = frozen_head_logps(h, w, targets, softcap, max_logits=max_logits)
+    # what the backward keeps: each row's gradient per target, no [rows, vocab] logits
+    assert [tuple(t.shape) for t in got.grad_fn.saved_tensors] == [(37, k, 16)]
     (fh,) = torch.autograd.grad((got * weights).sum(), (h,))
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fh, gh, rtol=1e-4, atol=1e-5)

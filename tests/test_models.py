@@ -328,3 +328,15 @@ def test_models_load_and_train_without_the_hubs_kernels(tiny_path, tmp_path, mon
     train_dpo_nll(tiny_path, examples, tmp_path / "m1", TrainingConfig(dtype="float32", batch_size=2, max_length=32),
                   seed=0, log_dir=tmp_path / "log")
     assert calls == []
+
+
+def test_gpu_attention_leaves_cudnn_out_on_a_gpu_only():
+    """`gpu_attention` turns torch's cuDNN attention off for a CUDA device (flash, memory-efficient
+    and math stay on) and back after; for any other device it changes nothing."""
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with models.gpu_attention(torch.device("cuda")):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.mem_efficient_sdp_enabled() and torch.backends.cuda.flash_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+    with models.gpu_attention("cpu"):
+        assert torch.backends.cuda.cudnn_sdp_enabled() == before

@@ -204,33 +204,45 @@ def test_response_logps_equal_full_logits(tiny, monkeypatch):
     torch.testing.assert_close(torch.autograd.grad(chunked.sum(), lm.model.layers[0].mlp.up_proj.weight), grads)
 
 
+def _random_lora(lm):
+    """PEFT LoRA on every linear layer, with B drawn at random (B = 0, as PEFT starts, would make
+    every gradient but B's zero); and the parameters it trains."""
+    from peft import LoraConfig as PeftLora
+    from peft import get_peft_model
+
+    lm = get_peft_model(lm, PeftLora(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+    torch.manual_seed(1)
+    for n, p in lm.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.05)
+    return lm, [p for p in lm.parameters() if p.requires_grad]
+
+
+def _logps_and_grads(policy, batch, trained):
+    """The policy's summed log-probs and their gradient for `trained` under an arbitrary upstream
+    gradient (a different weight per sequence)."""
+    logps, _ = policy(**batch)
+    weights = torch.linspace(-1, 1, len(logps), device=logps.device)
+    return logps, torch.autograd.grad((logps * weights).sum(), trained)
+
+
 @pytest.mark.parametrize("packed", [True, False])  # the one-row layout / the shared-prompt layout
 def test_every_output_layer_path_gives_the_same_values_and_lora_gradients(tiny, monkeypatch, packed):
     """The three ways the response log-probs reach the output layer in LoRA training: the CPU's
     blockwise head (`TokenLogProbs`), autograd's plain head (FSDP, several processes), and the
     frozen head of a GPU in one process (`frozen_head_logps`: no logits kept for the backward).
     The last two run here on the CPU by choice of the switches; Gemma's soft-capping is on."""
-    from peft import LoraConfig as PeftLora
-    from peft import get_peft_model
-
     tok, lm = _load(tiny)
-    lm = get_peft_model(lm, PeftLora(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
-    torch.manual_seed(1)
-    for n, p in lm.named_parameters():  # B = 0 at the start would make every gradient but B's zero
-        if "lora_B" in n:
-            p.data.normal_(0, 0.05)
+    lm, trained = _random_lora(lm)
     pairs, _ = tokenize_pairs(tok, EXAMPLES[:4], max_length=512)
     batch = collate(pairs, [0, 1, 2, 3], tok.pad_token_id)
-    trained = [p for p in lm.parameters() if p.requires_grad]
     policy = ResponseLogProbs(lm)
     policy.pack_batches = packed
 
     def run(blockwise: bool, frozen: bool):
         monkeypatch.setattr(train_mod, "_blockwise_head", lambda h, head: blockwise)
         monkeypatch.setattr(train_mod, "_frozen_gpu_head", lambda h, head: frozen)
-        logps, _ = policy(**batch)
-        weights = torch.linspace(-1, 1, len(logps))  # an arbitrary upstream gradient
-        return logps, torch.autograd.grad((logps * weights).sum(), trained)
+        return _logps_and_grads(policy, batch, trained)
 
     blockwise, plain, frozen = run(True, False), run(False, False), run(False, True)
     assert lm.get_output_embeddings().weight.grad is None
@@ -260,55 +272,36 @@ def test_lora_training_through_the_gpus_head_path_follows_the_same_steps(tiny, t
     assert gpu["final"]["loss"] < gpu["initial"]["loss"]
 
 
-def test_training_forwards_leave_cudnn_attention_out_on_their_device(tiny, monkeypatch):
+def test_training_forwards_leave_cudnn_attention_out_on_their_device(tiny, monkeypatch, recorded_attention):
     """Every forward of the trainer's module (training steps and the scoring passes, each batch
     a new shape) runs inside `gpu_attention` for the device of its batch: on a GPU, no cuDNN
     attention, whose per-shape plans made LoRA training 3.5x slower in a new process on an H200
-    (bench/README.md, round 22). The flags themselves: test_decode.py."""
-    import contextlib
-
+    (bench/README.md, round 22). The flags themselves: test_models.py."""
     tok, lm = _load(tiny)
     pairs, _ = tokenize_pairs(tok, EXAMPLES[:4], max_length=512)
     batch = collate(pairs, [0, 1, 2, 3], tok.pad_token_id)
     full = _full_batch(pairs, [0, 1], tok.pad_token_id)
-    inside, devices, bodies = [False], [], []
-
-    @contextlib.contextmanager
-    def recorded(device):
-        devices.append(device)
-        inside[0] = True
-        yield
-        inside[0] = False
-
-    monkeypatch.setattr(train_mod, "gpu_attention", recorded)
-    lm.model.register_forward_pre_hook(lambda *_: bodies.append(inside[0]))
+    bodies = []
+    monkeypatch.setattr(train_mod, "gpu_attention", recorded_attention)
+    lm.model.register_forward_pre_hook(lambda *_: bodies.append(recorded_attention.inside))
     policy = ResponseLogProbs(lm)
     policy(**batch)
     policy(**full)
     policy(**full, prefix_ids=full["input_ids"][0, :2])
-    assert devices == [torch.device("cpu")] * 3 and len(bodies) >= 3 and all(bodies)
+    assert recorded_attention.devices == [torch.device("cpu")] * 3 and len(bodies) >= 3 and all(bodies)
 
 
-def test_training_backward_runs_inside_the_attention_context_for_checkpointed_layers(tiny, tmp_path, monkeypatch):
+def test_training_backward_runs_inside_the_attention_context_for_checkpointed_layers(tiny, tmp_path, monkeypatch,
+                                                                                     recorded_attention):
     """With gradient checkpointing the layers run again during the backward: that runs inside
     `gpu_attention` too, or a GPU would recompute them with another attention kernel than the
     forward's and the checkpoint would refuse them ("Recomputed values ... have different
     metadata"). Every attention call, first or recomputed, is inside it."""
-    import contextlib
-
-    inside, calls = [False], []
-
-    @contextlib.contextmanager
-    def recorded(device):
-        before = inside[0]
-        inside[0] = True
-        yield
-        inside[0] = before
-
-    monkeypatch.setattr(train_mod, "gpu_attention", recorded)
+    calls = []
+    monkeypatch.setattr(train_mod, "gpu_attention", recorded_attention)
     sdpa = torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
-                        lambda *a, **k: calls.append(inside[0]) or sdpa(*a, **k))
+                        lambda *a, **k: calls.append(recorded_attention.inside) or sdpa(*a, **k))
     train_dpo_nll(tiny, EXAMPLES[:4], tmp_path / "m1", _cfg(gradient_checkpointing=True, batch_size=2,
                                                             lora=LoraConfig(r=4, alpha=8)),
                   seed=0, log_dir=tmp_path / "log")

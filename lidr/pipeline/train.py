@@ -156,17 +156,23 @@ def _token_logps(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, s
     return logits.gather(-1, targets) - lse[:, None]
 
 
+def _plain_head(head: nn.Module) -> bool:
+    """An output layer lidr/head.py computes from its weight: a plain bias-free Linear (not a
+    PEFT or quantized wrapper), its weight whole (ZeRO-3 empties it)."""
+    return type(head) is nn.Linear and head.bias is None and head.weight.dim() == 2
+
+
 def _blockwise_head(hidden: torch.Tensor, head: nn.Module) -> bool:
-    """The CPU output layer that lidr/head.py computes block by block: a plain bias-free Linear."""
-    return hidden.device.type == "cpu" and type(head) is nn.Linear and head.bias is None and head.weight.dim() == 2
+    """The CPU output layer that lidr/head.py computes block by block."""
+    return hidden.device.type == "cpu" and _plain_head(head)
 
 
 def _frozen_gpu_head(hidden: torch.Tensor, head: nn.Module) -> bool:
-    """A frozen bias-free output layer off the CPU, in one process, in the body's dtype. (Under
-    FSDP or ZeRO-3 the weight is whole only inside the layer's own forward, which this path does
-    not call; several processes keep autograd's path, untried with this one.)"""
-    return (hidden.device.type != "cpu" and type(head) is nn.Linear and head.bias is None
-            and not head.weight.requires_grad and head.weight.dim() == 2 and head.weight.dtype == hidden.dtype
+    """A frozen output layer off the CPU, in one process, in the body's dtype. (Under FSDP or
+    ZeRO-3 the weight is whole only inside the layer's own forward, which this path does not
+    call; several processes keep autograd's path, untried with this one.)"""
+    return (hidden.device.type != "cpu" and _plain_head(head) and not head.weight.requires_grad
+            and head.weight.dtype == hidden.dtype
             and not (torch.distributed.is_available() and torch.distributed.is_initialized()))
 
 
