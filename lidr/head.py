@@ -13,6 +13,8 @@ row) and `Int8Head` (int8, several rows).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -337,6 +339,56 @@ def _on_two_threads(work) -> None:
         t.join()
 
 
+@functools.lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (/proc/cpuinfo's first "flags" line; empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def _pack_fbgemm(q: torch.Tensor, scale: torch.Tensor, blocks: list[int], block: int) -> list:
+    """fbgemm's packed blocks of int8 weights `q` [vocab, d] with per-row scales `scale`."""
+    import warnings
+
+    zero, scale64 = torch.zeros(len(q), dtype=torch.long), scale.double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's deprecation notice for quantized tensors
+        quantized = [torch._make_per_channel_quantized_tensor(q[i:i + block], scale64[i:i + block],
+                                                             zero[i:i + block], 0) for i in blocks]
+    engine = torch.backends.quantized.engine
+    packed: list = [None] * len(blocks)
+
+    def pack(first):  # fbgemm's packing of one block runs on one core; two threads halve it
+        for j in range(first, len(blocks), 2):
+            packed[j] = torch.ops.quantized.linear_prepack(quantized[j], None)
+
+    try:
+        torch.backends.quantized.engine = "fbgemm"
+        _on_two_threads(pack)
+    finally:
+        torch.backends.quantized.engine = engine
+    if any(p is None for p in packed):
+        raise RuntimeError("fbgemm could not pack the output layer")
+    return packed
+
+
+def _pack_onednn(q: torch.Tensor, scale: torch.Tensor, blocks: list[int], block: int) -> list:
+    """oneDNN's packed blocks of int8 weights `q` [vocab, d]: per block (weights, scales, zero
+    points), the arguments `onednn::qlinear_pointwise` takes after the activations'."""
+    out = []
+    for i in blocks:
+        n = min(block, len(q) - i)
+        packed = torch.ops.onednn.qlinear_prepack(q[i:i + n], [16, q.shape[1]])
+        out.append((packed, scale[i:i + n].contiguous(), torch.zeros(n, dtype=torch.long)))
+    return out
+
+
 def fingerprint(t: torch.Tensor) -> bytes:
     """XXH3-128 of a CPU tensor's shape, dtype and bytes: 0.03 s for gemma-3-270m's 671 MB output
     layer, where SHA-256 took 0.2-0.3 s on two threads (bench/fixed_costs.py). It tells a kept
@@ -350,8 +402,16 @@ def fingerprint(t: torch.Tensor) -> bytes:
 
 
 class Int8Head:
-    """An int8 copy of a bias-free fp32 output layer, for screening the greedy choice of several
-    rows at once (decoding steps of 2-64 rows), exactly.
+    """An int8 copy of a bias-free fp32 or bf16 output layer, for screening the greedy choice of
+    decoding steps exactly (several rows for fp32, where one row has the fp16 screen; any for bf16).
+
+    Two engines run the int8 product (`engine`). On CPUs with int8 matrix instructions (AMX or
+    AVX512-VNNI) it is oneDNN's (`onednn::qlinear_pointwise`, as PyTorch's own x86 int8
+    inference uses): gemma-3-270m's 168 MB of int8 weights for 1-16 rows in 7.8-8.8 ms, near the
+    memory's limit, where its bf16 output layer took 15-18 ms (bench/README.md, round 23). Each row
+    then gets its own activation scale (quantized here, not by the kernel), which with the
+    outlier channels below left a median of 10 candidate tokens a row on real decoding rows
+    (against 53 with one scale for all rows). Elsewhere (AVX2) it is fbgemm's, as described next.
 
     fbgemm's int8 product (`quantized::linear_dynamic`) ran gemma-3-270m's output layer 2.3x
     faster than the packed fp32 one on the decoding steps of bench/generate.py. Its result is not
@@ -376,7 +436,7 @@ class Int8Head:
     mean 71, at most 762), 616 for a whole step on average.
     """
 
-    OUTLIERS = 32  # channels kept in fp32
+    OUTLIERS = {"fbgemm": 32, "onednn": 16}  # channels kept in fp32 (per-row scales need fewer)
     BLOCK = 32768  # vocabulary rows per packed block (packed on two threads; see `__init__`)
     MIN_PARAMS = 1 << 24  # smaller output layers are cheap enough in fp32
 
@@ -404,72 +464,75 @@ class Int8Head:
         cls._last = None
 
     @staticmethod
-    def available() -> bool:
-        """fbgemm's int8 kernels are in this torch build and the CPU is x86-64 (AVX2)."""
+    def engines() -> list[str]:
+        """The int8 products this machine can run, the one used first (see the class): "onednn"
+        on an x86-64 CPU with AMX or AVX512-VNNI int8 instructions, "fbgemm" on x86-64 (AVX2)."""
         from lidr.packed_linear import on_x86
 
-        return (on_x86() and "fbgemm" in torch.backends.quantized.supported_engines
-                and hasattr(torch.ops.quantized, "linear_dynamic"))
+        if not on_x86():
+            return []
+        found = []
+        onednn = getattr(torch.ops, "onednn", None)
+        if (_cpu_flags() & {"amx_int8", "avx512_vnni"} and torch.backends.mkldnn.is_available()
+                and all(hasattr(onednn, op) for op in ("qlinear_prepack", "qlinear_pointwise"))):
+            found.append("onednn")
+        if "fbgemm" in torch.backends.quantized.supported_engines and hasattr(torch.ops.quantized, "linear_dynamic"):
+            found.append("fbgemm")
+        return found
 
-    def __init__(self, weight: torch.Tensor, h: torch.Tensor):
-        """Quantize and pack `weight` [vocab, hidden]; `h` [rows, hidden]: hidden states whose
-        largest channels are taken as the outliers."""
-        import warnings
+    @classmethod
+    def default_engine(cls) -> str | None:
+        """The int8 product a new copy uses on this machine, None where there is none."""
+        return next(iter(cls.engines()), None)
 
+    @classmethod
+    def available(cls) -> bool:
+        return cls.default_engine() is not None
+
+    def __init__(self, weight: torch.Tensor, h: torch.Tensor, engine: str | None = None):
+        """Quantize and pack `weight` [vocab, hidden] (fp32 or bf16) for `engine` (default:
+        `Int8Head.default_engine()`); `h` [rows, hidden]: hidden states whose largest channels
+        are taken as the outliers."""
         w = weight.detach()
         vocab, d = w.shape
-        k = min(self.OUTLIERS, d // 4)
+        self.engine = engine or Int8Head.default_engine()
+        if self.engine not in self.engines():
+            raise RuntimeError(f"int8 engine {self.engine!r} is not available on this machine (Int8Head.engines)")
+        k = min(self.OUTLIERS[self.engine], d // 4)
         self.outliers = h.detach().float().abs().amax(0).topk(k).indices.sort().values
         # The outlier channels stay in the int8 product as zeros (in the weights here, in h in
         # `upper`), so that the blocks below are plain row slices: no column gather.
-        l1, scale = w.new_empty(vocab), w.new_empty(vocab)
+        l1, scale, norm = torch.empty(vocab), torch.empty(vocab), torch.empty(vocab)
         q = torch.empty(vocab, d, dtype=torch.int8)
-        w_out = w.new_empty(vocab, k)  # the outlier channels' weights (a column gather, block by block)
-        # Rows quantized at a time, into the same two buffers (new ones fault in every page): 1024
-        # rows (2.6 MB a buffer) stay in cache across the passes; 0.26 s against 0.41 s for 4096
-        # (gemma-3-270m, the same bytes; bench/README.md, round 16).
+        w_out = torch.empty(vocab, k)  # the outlier channels' weights (a column gather, block by block)
+        # Rows quantized at a time, into the same two fp32 buffers (new ones fault in every page):
+        # 1024 rows (2.6 MB a buffer) stay in cache across the passes; 0.26 s against 0.41 s for
+        # 4096 (gemma-3-270m, the same bytes; bench/README.md, round 16).
         rows = 1024
-        x, a = w.new_empty(rows, d), w.new_empty(rows, d)
-        rest = w.new_ones(d)
+        x, a = torch.empty(rows, d), torch.empty(rows, d)
+        rest = torch.ones(d)
         rest[self.outliers] = 0
         for i in range(0, vocab, rows):
             n = min(rows, vocab - i)
             xb, ab = x[:n], a[:n]
-            torch.mul(w[i:i + n], rest, out=xb)
+            xb.copy_(w[i:i + n])  # bf16 to fp32 exactly
+            torch.linalg.vector_norm(xb, dim=1, out=norm[i:i + n])
+            torch.index_select(xb, 1, self.outliers, out=w_out[i:i + n])
+            xb.mul_(rest)
             torch.abs(xb, out=ab)
             torch.sum(ab, 1, out=l1[i:i + n])
             s = scale[i:i + n]
             torch.amax(ab, 1, out=s)
             s.div_(127).clamp_(min=torch.finfo(torch.float32).tiny)  # an all-zero row: any scale
             q[i:i + n] = xb.div_(s[:, None]).round_()
-            torch.index_select(w[i:i + n], 1, self.outliers, out=w_out[i:i + n])
         self.vocab, self.d_rest = vocab, d - k
         # [w_O | |w_R|_1 | s]^T: the fp32 product adds the outlier channels' logits and the bound
         self.extra = torch.cat([w_out, l1[:, None], scale[:, None]], 1).T.contiguous()
         self.l1_max, self.s_max = float(l1.max()), float(scale.max())
-        self.max_row_norm = float(w.norm(dim=1).max())
-        zero, scale64 = torch.zeros(vocab, dtype=torch.long), scale.double()
-        blocks = list(range(0, vocab, self.BLOCK))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch.ao's deprecation notice for quantized tensors
-            quantized = [torch._make_per_channel_quantized_tensor(q[i:i + self.BLOCK], scale64[i:i + self.BLOCK],
-                                                                 zero[i:i + self.BLOCK], 0) for i in blocks]
-        del q
-        engine = torch.backends.quantized.engine
-        self.packed: list = [None] * len(blocks)
-
-        def pack(first):  # fbgemm's packing of one block runs on one core; two threads halve it
-            for j in range(first, len(blocks), 2):
-                self.packed[j] = torch.ops.quantized.linear_prepack(quantized[j], None)
-
-        try:
-            torch.backends.quantized.engine = "fbgemm"
-            _on_two_threads(pack)
-        finally:
-            torch.backends.quantized.engine = engine
-        if any(p is None for p in self.packed):
-            raise RuntimeError("fbgemm could not pack the output layer")
-        self.blocks = blocks
+        self.max_row_norm = float(norm.max())
+        self.blocks = list(range(0, vocab, self.BLOCK))
+        self.packed = _pack_onednn(q, scale, self.blocks, self.BLOCK) if self.engine == "onednn" else \
+            _pack_fbgemm(q, scale, self.blocks, self.BLOCK)
         self._out: torch.Tensor | None = None  # the bounds' buffer (`upper`)
 
     def upper(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -488,22 +551,30 @@ class Int8Head:
         h = h.float()
         h_rest = h.clone()
         h_rest[:, self.outliers] = 0  # exact in int8 (0 is on the grid): these run in fp32
-        t = (max(float(h_rest.max()), 0.0) - min(float(h_rest.min()), 0.0)) / 127
-        margin = 1 + 2 ** -10  # t and s_v as fbgemm and the quantizer round them
-        a = h.new_full((len(h), 1), t / 2 * margin)
+        if self.engine == "onednn":  # each row its own scale t, its activations quantized here
+            t = h_rest.abs().amax(1, keepdim=True).div_(127).clamp_(min=torch.finfo(torch.float32).tiny)
+            qx = torch.div(h_rest, t).round_().add_(128).to(torch.uint8)  # |h / t| <= 127
+        else:  # fbgemm quantizes all rows with one scale
+            t = h.new_full((len(h), 1), (max(float(h_rest.max()), 0.0) - min(float(h_rest.min()), 0.0)) / 127)
+        margin = 1 + 2 ** -10  # t and s_v as the kernels and the quantizers round them
+        a = t / 2 * margin
         c = (h_rest.abs().sum(1, keepdim=True) + self.d_rest * t / 2) / 2 * margin
         left = torch.cat([h.index_select(1, self.outliers), a, c], 1)
         out = self._rows(len(h))
         chunk_max = h.new_empty(len(h), out.shape[1] // CHUNK)
         for j, i in enumerate(self.blocks):
-            approx = torch.ops.quantized.linear_dynamic(h_rest, self.packed[j], True)
+            if self.engine == "onednn":  # sum_i (q_h q_w) s_v, then times each row's t
+                approx = torch.ops.onednn.qlinear_pointwise(qx, 1.0, 128, *self.packed[j], None, 1.0, 0,
+                                                            torch.float32, "none", [], "").mul_(t)
+            else:
+                approx = torch.ops.quantized.linear_dynamic(h_rest, self.packed[j], True)
             torch.addmm(approx, left, self.extra[:, i:i + self.BLOCK], out=out[:, i:i + approx.shape[1]])
             block = out[:, i:i + self.BLOCK]  # BLOCK is a multiple of CHUNK; the last one ends in the -inf
             chunk_max[:, i // CHUNK:(i + block.shape[1]) // CHUNK] = block.unflatten(1, (-1, CHUNK)).amax(2)
         # fp32 rounding, each term a few times over: the exact logits (d products of |h||w|),
         # fbgemm's dequantized output (terms up to 254 t (|w_R|_1 + |R| s_max)) and the sums
         slack = (2 ** -12 * self.max_row_norm * h.norm(dim=1)
-                 + 2 ** -16 * t * 254 * (self.l1_max + self.d_rest * self.s_max))
+                 + 2 ** -16 * t[:, 0] * 254 * (self.l1_max + self.d_rest * self.s_max))
         return out, slack, chunk_max
 
     def _rows(self, rows: int) -> torch.Tensor:

@@ -348,6 +348,57 @@ def test_lone_row_guesses_ahead_and_keeps_the_greedy_answer(backend, penalty, mo
         assert any(len(chosen) > 1 for _, chosen in verified)
 
 
+def test_lookup_takes_the_occurrence_preceded_by_the_longest_match():
+    """Prompt lookup's guess starts after the earlier occurrence of the last 3 tokens whose
+    preceding tokens match the context's end for longest, the latest of equals: in a loop whose
+    period holds the same 3 tokens twice (the generate benchmark's long answer had one), the
+    latest occurrence is the wrong one of the two."""
+    from lidr.backends.decode import lookup_start
+
+    period = [1, 2, 3, 4, 5, 2, 3, 4, 6]  # "2 3 4" twice, followed by 5, then by 6
+    context = [9, 8] + period * 3 + [1, 2, 3, 4]
+    start = lookup_start(context, 3, 64)
+    assert context[start] == 5 and start == len(context) - len(period)  # the latest "1 2 3 4"
+    assert lookup_start([7, 2, 3, 4, 9, 1, 2, 3, 4, 8, 2, 3, 4], 3, 64) == 5 + 4  # the latest of equal runs
+    assert lookup_start([1, 2, 3, 1, 2, 3], 3, 64) == 3
+    assert lookup_start([5, 5, 5, 5], 3, 64) == 3  # overlapping occurrences
+    assert lookup_start([1, 2, 3], 3, 64) is None and lookup_start([1, 2, 3, 4, 5], 3, 64) is None
+    # the run is counted up to `longest`: past it the latest occurrence wins
+    assert lookup_start([1, 2, 3, 4, 0, 2, 3, 4, 1, 2, 3, 4], 3, 3) == 8
+
+
+def test_lone_rows_guesses_double_while_every_guess_is_kept(backend, monkeypatch):
+    """A lone row whose guesses were all kept guesses twice as many at its next check, up to
+    LOOKUP_MAX_TOKENS and the tokens it has left; a check that keeps fewer than all starts
+    again at LOOKUP_TOKENS."""
+    from lidr.backends import decode
+
+    if backend.kind == "gemma3":
+        pytest.skip("past its short window the cache cannot take guesses back")
+    dec = backend.decoder
+    verify = dec._verify
+    for keep_all in (True, False):
+        drafts = []
+
+        def check(nxt, draft, *a):  # the real forward, then every guess kept (or none)
+            drafts.append(len(draft))
+            chosen = verify(nxt, draft, *a)
+            return list(draft) + chosen[-1:] if keep_all else chosen[:1]
+
+        monkeypatch.setattr(dec, "_verify", check)
+        monkeypatch.setattr(dec, "eos_ids", set())
+        prompt = "<s> one two three four five one two three four five one two three four five one two"
+        backend.run_batched([(0, prompt, [])], batch_size=1, on_result=lambda *a: None, max_new_tokens=120)
+        if keep_all and dec.window is None:  # the last check: what is left of the 120 tokens
+            assert drafts[:3] == [10, 20, 40] and len(drafts) == 4 and drafts[3] < decode.LOOKUP_MAX_TOKENS
+        elif keep_all:  # a sliding window: fewer, where the cache's room before it ends is less
+            assert drafts[0] <= decode.LOOKUP_TOKENS and all(b <= 2 * a for a, b in zip(drafts, drafts[1:]))
+            assert any(b > a for a, b in zip(drafts, drafts[1:]))
+        else:
+            assert len(drafts) > 3 and max(drafts) <= decode.LOOKUP_TOKENS  # (less near the limit or window)
+            assert dec.window is not None or drafts[:10] == [decode.LOOKUP_TOKENS] * 10
+
+
 def test_output_layer_is_packed_at_its_first_full_product_where_it_fits(tmp_path, monkeypatch):
     """The output layer's oneDNN copy is made at the first step that needs the whole fp32
     product, not at load; where the memory free then cannot hold it, the plain product runs
@@ -681,22 +732,34 @@ def test_int8_screen_checks_a_lone_rows_guesses(backend, penalty, monkeypatch):
     Int8Head.forget()
 
 
-def test_int8_screen_bound_holds_and_keeps_the_argmax():
+@pytest.fixture(params=["onednn", "fbgemm"])
+def int8_engine(request):
+    """Each int8 product this machine runs (lidr/head.py, Int8Head.engines): the screen's bound
+    and choice must hold for both, whichever a machine uses first."""
+    from lidr.head import Int8Head
+
+    if request.param not in Int8Head.engines():
+        pytest.skip(f"no {request.param} int8 product on this machine")
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_screen_bound_holds_and_keeps_the_argmax(int8_engine, dtype):
     """Every token's int8 bound is at least its exact logit (in float64), on an output layer
-    with large rows, near ties and hidden states with outlier channels (also channels that were
-    not outliers when the screen was built), so the exact argmax always reaches the bar."""
+    (fp32 or bf16) with large rows, near ties and hidden states with outlier channels (also
+    channels that were not outliers when the screen was built), so the exact argmax always
+    reaches the bar."""
     from lidr.head import CHUNK, Int8Head
 
-    if not Int8Head.available():
-        pytest.skip("fbgemm's int8 kernels are not in this torch build")
     torch.manual_seed(0)
     w = torch.randn(70_000, 256) * 0.04  # three blocks of 32768 rows, the last one partial
     w[7] = w[3] + 1e-6  # a near tie
     w[11] *= 30  # a large row
     w[12] = 0  # an all-zero row
+    w = w.to(dtype).float()  # the values a bf16 layer holds
     calibration = torch.randn(4, 256) * 5
     calibration[:, :8] = 150
-    head = Int8Head(w, calibration)
+    head = Int8Head(w.to(dtype), calibration, int8_engine)
     assert set(head.outliers.tolist()) >= set(range(8))
     for scale in (1.0, 10.0, 100.0):
         for shift in (0, 100):  # shift: outliers in channels the screen did not take for outliers
@@ -725,7 +788,7 @@ def test_int8_screen_bound_holds_and_keeps_the_argmax():
 
 @pytest.mark.parametrize("softcap", [None, 30.0])
 @pytest.mark.parametrize("penalty", [None, 0.7, 1.3])
-def test_int8_choice_reads_only_the_chunks_that_can_win(softcap, penalty):
+def test_int8_choice_reads_only_the_chunks_that_can_win(int8_engine, softcap, penalty):
     """The screen's choice (`_int8_choice`: references from the chunks with the highest largest
     bounds, candidates only from chunks whose largest bound reaches the bar) is the fp32 greedy
     choice, on a vocabulary whose last chunk and block are partial, with soft-capping and a
@@ -733,8 +796,6 @@ def test_int8_choice_reads_only_the_chunks_that_can_win(softcap, penalty):
     from lidr.backends.decode import ContinuousDecoder, _choose
     from lidr.head import Int8Head
 
-    if not Int8Head.available():
-        pytest.skip("fbgemm's int8 kernels are not in this torch build")
     torch.manual_seed(0)
     w = torch.randn(70_000, 256) * 0.04
     h = torch.randn(6, 256) * 3
@@ -743,7 +804,7 @@ def test_int8_choice_reads_only_the_chunks_that_can_win(softcap, penalty):
     dec.head_weight, dec.head_bias, dec.softcap = w, None, softcap
     dec.pack_head, dec.packed_head = False, None
     w[69_990] = w[int((h[0] @ w.T).argmax())] * 0.999  # row 0's runner-up, in the partial last chunk
-    dec.int8_head = Int8Head(w, h)
+    dec.int8_head = Int8Head(w, h, int8_engine)
     # seen ids: each row's runner-up and random others
     exact = h @ w.T
     runner_up = exact.topk(2, dim=1).indices[:, 1]
@@ -767,22 +828,94 @@ def test_int8_choice_reads_only_the_chunks_that_can_win(softcap, penalty):
     assert len(dec.int8_head._out) == 12 and bool((dec.int8_head._out[:, 70_000:] == float("-inf")).all())
 
 
-@pytest.mark.slow
-def test_real_model_int8_screen_gives_the_same_answers():
-    """The embedded gemma-3-270m (262k-token output layer, outlier channels in its final hidden
-    states): the int8 screen chooses every token of several-row steps itself (no fp32 fallback)
-    and the answers are those of the fp32 output layer."""
+@pytest.mark.parametrize("penalty", [None, 1.3])
+def test_int8_choice_of_a_bf16_layer_is_its_greedy_choice_at_rounded_ties(int8_engine, penalty):
+    """A bf16 output layer's logits are fp32 sums rounded to bf16, and its greedy choice takes the
+    lowest id among equal rounded logits (`greedy_t`). Where the bound is tight (the logits in the
+    outlier channels, which the screen runs in fp32) a token whose sum is below another's can
+    still round to the same value and win: the screen's bar leaves room for that rounding, and
+    for the best logit's own rounding above every bound."""
+    from lidr.backends.decode import ContinuousDecoder
+    from lidr.head import Int8Head, greedy_t
+
+    torch.manual_seed(0)
+    d = 256
+    w = (torch.randn(70_000, d) * 0.04).bfloat16()
+    w[10] = w[20] = 0
+    w[10, 0], w[10, 1] = 100, 0.30078125  # sum 100.30078: rounds up to 100.5 in bf16
+    w[20, 0], w[20, 1] = 100, 0.4453125  # sum 100.4453: a higher sum, the same 100.5
+    calibration = torch.randn(4, d)
+    calibration[:, :16] = 150  # channels 0-15 are the outliers
+    h = torch.zeros(3, d)
+    h[:, :2] = 1.0
+    h[:, 16:] = torch.randn(3, d - 16) * 1e-3  # (small: the int8 part's bound stays tight)
+    h = h.bfloat16()
+    dec = object.__new__(ContinuousDecoder)  # only what the choice reads
+    dec.head_weight, dec.head_bias, dec.softcap = w, None, None
+    dec.pack_head, dec.packed_head = False, None
+    dec.int8_head = Int8Head(w, calibration, int8_engine)
+    assert set(range(16)) <= set(dec.int8_head.outliers.tolist())
+    seen = torch.randint(100, 70_000, (3, 20))
+    col = None if penalty is None else torch.full((3, 1), penalty)
+    want = greedy_t(w, h, seen, col)
+    assert want.tolist() == [10, 10, 10]  # the tie at 100.5 goes to the lower id
+    assert torch.equal(dec._int8_choice(h, seen, col), want)
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "llama"])
+def test_bf16_model_with_the_int8_screen_answers_as_its_bf16_output_layer(tmp_path, kind, monkeypatch):
+    """A bf16 model's steps, one row or several, are screened by the oneDNN int8 copy where the
+    CPU has int8 matrix instructions, with the answers of its plain bf16 output layer (rows joining
+    and leaving, the penalty, a lone row's guesses)."""
     from lidr.head import Int8Head
-    from lidr.models import resolve_model
+
+    if Int8Head.default_engine() != "onednn":
+        pytest.skip("the int8 screen runs for bf16 layers with oneDNN's int8 product only")
+    monkeypatch.setattr(Int8Head, "MIN_PARAMS", 0)  # tiny heads are cheap in bf16
+    path = _save_tiny(tmp_path, kind)
+    b = HFBackend(path, dtype="bfloat16", device="cpu", packed_weights=True)
+    try:
+        dec = b.decoder
+        assert dec.int8_head is None and dec.int8_rows == 1
+        screened = []
+        choose = dec._int8_choice
+        monkeypatch.setattr(dec, "_int8_choice", lambda h, *a: screened.append((len(h), choose(h, *a))) or screened[-1][1])
+        answers = {}
+        for name in ("int8", "bf16"):
+            got = {}
+            for rows in (3, 1):
+                b.run_batched([(i, p, []) for i, p in enumerate(PROMPTS)], batch_size=rows, max_new_tokens=12,
+                              repetition_penalty=1.2, on_result=lambda k, g, rows=rows: got.__setitem__((rows, k), g.text))
+            answers[name] = got
+            if name == "int8":
+                assert isinstance(dec.int8_head, Int8Head) and dec.int8_head.engine == "onednn"
+                assert {n for n, _ in screened} >= {1, 3} and all(c is not None for _, c in screened)
+            dec.int8_head = False  # the second run: the bf16 output layer only
+        assert answers["int8"] == answers["bf16"]
+    finally:
+        b.close()
+        Int8Head.forget()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_real_model_int8_screen_gives_the_same_answers(dtype):
+    """The embedded gemma-3-270m (262k-token output layer, outlier channels in its final hidden
+    states): the int8 screen chooses every token of several-row steps itself (no fallback to the
+    whole output layer) and the answers are those of its fp32 or bf16 output layer."""
+    from lidr.head import Int8Head
+    from lidr.models import cpu_has_fast_bf16, resolve_model
     from lidr.templates import choose_format
 
     if not Int8Head.available():
-        pytest.skip("fbgemm's int8 kernels are not in this torch build")
+        pytest.skip("no int8 product on this machine")
+    if dtype == "bfloat16" and not (cpu_has_fast_bf16() and Int8Head.default_engine() == "onednn"):
+        pytest.skip("the int8 screen runs for bf16 layers with oneDNN's int8 product only")
     import json
     from importlib.resources import files
 
     rows = [json.loads(line) for line in files("lidr").joinpath("data/demo_prompts.jsonl").read_text().splitlines()]
-    b = HFBackend(resolve_model("gemma-3-270m"), dtype="float32", device="cpu", packed_weights=True)
+    b = HFBackend(resolve_model("gemma-3-270m"), dtype=dtype, device="cpu", packed_weights=True)
     try:
         fmt = choose_format(b.tokenizer, "auto")
         items = [((r["id"], lang), fmt.response_prompt(r["translations"][lang], lang), fmt.response_stops(lang))
@@ -790,32 +923,30 @@ def test_real_model_int8_screen_gives_the_same_answers():
         dec, answers, screened = b.decoder, {}, []
         choose = dec._int8_choice
         dec._int8_choice = lambda *a: screened.append(choose(*a)) or screened[-1]
-        for name in ("int8", "fp32"):
+        for name in ("int8", "whole"):
             got = {}
             b.run_batched(items, batch_size=8, max_new_tokens=24, repetition_penalty=1.1, on_result=got.__setitem__)
             answers[name] = got
-            dec.int8_head = False  # the second run: fp32 only
+            dec.int8_head = False  # the second run: the whole output layer only
         assert len(screened) > 10 and all(c is not None for c in screened)
-        assert answers["int8"] == answers["fp32"]
+        assert answers["int8"] == answers["whole"]
     finally:
         b.close()
 
 
-def test_int8_bound_is_reached_by_the_worst_cases():
+def test_int8_bound_is_reached_by_the_worst_cases(int8_engine):
     """The two rounding terms of the int8 bound are each reached (within a few %) by an input
     made to reach them, so neither can be smaller: a token whose every weight rounds by almost
     s/2 the same way (weight term), and a row whose every activation rounds by almost t/2
     (activation term). The bound still holds on both."""
     from lidr.head import Int8Head
 
-    if not Int8Head.available():
-        pytest.skip("fbgemm's int8 kernels are not in this torch build")
     torch.manual_seed(0)
     d, sigma, tau = 256, 1e-3, 0.05
     w = torch.randn(40_000, d) * 0.04
     calibration = torch.randn(4, d)
     calibration[:, :8] = 150
-    head = Int8Head(w, calibration)
+    head = Int8Head(w, calibration, int8_engine)
     rest = torch.ones(d, dtype=torch.bool)
     rest[head.outliers] = False
     c0 = int(rest.nonzero()[0])  # the channel that sets each scale
@@ -823,7 +954,7 @@ def test_int8_bound_is_reached_by_the_worst_cases():
     w[5, c0] = 127 * sigma
     w[6] = torch.randint(1, 128, (d,)) * sigma  # on the grid of its scale: no weight error
     w[6, c0] = 127 * sigma
-    head = Int8Head(w, calibration)
+    head = Int8Head(w, calibration, int8_engine)
     assert torch.equal(head.outliers, (~rest).nonzero()[:, 0])
     h = torch.zeros(2, d)
     h[0, rest] = 127 * tau  # on the activations' grid (t = tau): no activation error

@@ -21,12 +21,15 @@ What makes the work smaller, each exact (tests/test_decode.py checks every one a
   that can still win get exact fp32 logits (`_screened_choice`); for several rows, an int8
   copy gives every token a bound on its logit, and only tokens whose bound reaches an exact
   logit get exact fp32 logits (`_int8_choice`; built once per process for an output layer,
-  which LoRA leaves as it was: lidr/head.py, `Int8Head.of`);
+  which LoRA leaves as it was: lidr/head.py, `Int8Head.of`). A bf16 output layer is screened
+  by the int8 copy at every step where oneDNN runs the int8 product (CPUs with AMX or
+  AVX512-VNNI), the exact logits then being bf16's;
 - the KV cache grows in place: a step writes its new positions into spare room instead of
   concatenating (which copies the whole cache every step; `_growing`);
 - the tail of a run, where one long answer decodes alone: guesses of its next tokens from its
-  own prompt and answer are checked in one forward (prompt lookup decoding, `_draft`), its
-  positions screened by the int8 copy like the rows of a step (`_verify`).
+  own prompt and answer are checked in one forward (prompt lookup decoding, `_draft`; twice
+  as many after a check that kept them all), its positions screened by the int8 copy like the
+  rows of a step (`_verify`).
 
 New rows join a running batch by left-padding the shorter of the two KV caches to the other's
 length, written once into a buffer with room (`_join`). That is done only for plain
@@ -64,7 +67,9 @@ PREFILL_ROWS = 16  # at most this many prompts (or their unshared rests) run thr
 # the padding saved is worth another forward (`_chunk_bounds`).
 PREFILL_FORWARD_TOKENS = 32
 LOOKUP_NGRAM = 3  # a lone row's last 3 tokens are looked up earlier in its prompt and answer ...
-LOOKUP_TOKENS = 10  # ... and up to 10 tokens that followed them are checked in one step
+LOOKUP_TOKENS = 10  # ... and up to 10 tokens that followed them are checked in one step;
+LOOKUP_MAX_TOKENS = 64  # after a step that kept every guess, the next guesses twice as many, up to 64
+LOOKUP_CONTEXT = 64  # of the occurrences, the one preceded by the longest run (up to 64) like the row's end
 REFERENCES = 4  # tokens with the highest int8 bounds whose exact logits set the screen's bar
 # The fp16 screen for one-row steps (HalfHead) is built at a decoder's 16th one-row step, not at
 # its set-up: building it took 0.23-0.29 s in the demo (0.5 s with the once-per-process speed
@@ -112,6 +117,7 @@ class _Row:
     penalty: float
     prompt_ids: list[int]
     new: list[int] = field(default_factory=list)  # generated token ids
+    guesses: int = LOOKUP_TOKENS  # how many tokens the row's next prompt lookup guesses (`_draft`)
     # the stops' last characters, or None where every token must be checked (`_may_end_a_stop`)
     stop_ends: set[str] | None = field(init=False)
 
@@ -170,11 +176,16 @@ class ContinuousDecoder:
         # (`_choose_from`), False where it is not used
         self.half_head = None if self.own_head else False
         self.one_row_steps = 0
-        # an int8 screen for steps of several rows (`_int8_choice`): None until the first such step
-        # builds it from that step's hidden states, False where it is not used
+        # an int8 screen (`_int8_choice`) for steps of several rows of an fp32 output layer, and for
+        # every step of a bf16 one where oneDNN runs it (there is no fp16 screen for bf16, and
+        # fbgemm's product was not faster than bf16's: bench/README.md, round 22). None until the
+        # first such step builds it from that step's hidden states, False where it is not used.
+        engine = Int8Head.default_engine()
         self.int8_head = None if (packed_weights and self.own_head and self.device.type == "cpu"
-                                  and w.dtype == torch.float32 and self.head_bias is None
-                                  and w.numel() >= Int8Head.MIN_PARAMS and Int8Head.available()) else False
+                                  and (w.dtype == torch.float32 and engine is not None
+                                       or w.dtype == torch.bfloat16 and engine == "onednn")
+                                  and self.head_bias is None and w.numel() >= Int8Head.MIN_PARAMS) else False
+        self.int8_rows = 2 if w is None or w.dtype == torch.float32 else 1  # the fewest rows it screens
         self.int8_build_seconds = 0.0  # time spent building it (for the benchmarks' accounting)
         self.lookup = True  # prompt lookup for a lone row (see _draft)
 
@@ -206,7 +217,7 @@ class ContinuousDecoder:
                     self.half_head = self._half_head() or False
             if self.half_head:
                 return self._screened_choice(h, seen, penalty)
-        if len(h) > 1 and self.int8_head is not False and bool(torch.isfinite(h).all()):
+        if len(h) >= self.int8_rows and self.int8_head is not False and bool(torch.isfinite(h).all()):
             if self.int8_head is None:
                 self._build_int8_head(h)
             chosen = self._int8_choice(h, seen, penalty)
@@ -283,7 +294,15 @@ class ContinuousDecoder:
         top = _chunk_ids(chunk_max.topk(min(REFERENCES, chunk_max.shape[1]), dim=1).indices, vocab)
         best = top.gather(1, upper.gather(1, top).topk(min(REFERENCES, vocab), dim=1).indices)
         flat = best.unique()
-        bar = self._exact_logits(h, flat, seen, penalty).gather(1, torch.searchsorted(flat, best)).amax(1) - slack
+        bar = self._exact_logits(h, flat, seen, penalty).gather(1, torch.searchsorted(flat, best)).amax(1)
+        if self.head_weight.dtype != torch.float32:
+            # Exact logits are the product's fp32 sums rounded to bf16, so a token whose sum is
+            # below the bar's may round up to it (a tie, which the lowest id wins). Rounding to
+            # nearest, soft-capping and the penalty are monotone and keep signs, so a token can
+            # reach the bar only if its (capped, penalized) bound reaches the bar less 2^-7 of it
+            # (twice bf16's half unit in the last place, relative; more than enough for fp16).
+            bar = bar - bar.abs() * 2 ** -7
+        bar = bar - slack
         # the tokens whose bound reaches their row's bar, read from the chunks that can hold one
         row, chunk = (chunk_max >= bar[:, None]).nonzero(as_tuple=True)
         pair, offset = (upper.view(len(h), -1, CHUNK)[row, chunk] >= bar[row, None]).nonzero(as_tuple=True)
@@ -463,6 +482,8 @@ class ContinuousDecoder:
             row, before = rows[0], cache.get_seq_length()
             chosen = self._verify(int(nxt), draft, mask, seen, penalty, cache)
             accepted = chosen[:-1]  # guessed tokens the model would have chosen
+            # a row in a repetition loop: the next check takes twice as many guesses
+            row.guesses = min(LOOKUP_MAX_TOKENS, 2 * len(draft)) if len(accepted) == len(draft) else LOOKUP_TOKENS
             cache.crop(-(len(draft) - len(accepted)))  # forget the rejected guesses
             assert cache.get_seq_length() == before + 1 + len(accepted)
             mask = torch.cat([mask, mask.new_ones(1, len(accepted))], 1)
@@ -508,29 +529,37 @@ class ContinuousDecoder:
     # -- a lone row: prompt lookup decoding ----------------------------------------------------
 
     def _draft(self, rows: list[_Row], cache) -> list[int]:
-        """A guess of a lone row's next tokens: what followed the last earlier occurrence of its
-        last LOOKUP_NGRAM tokens, in its prompt or its answer (prompt lookup decoding, as in
+        """A guess of a lone row's next tokens: what followed an earlier occurrence of its last
+        LOOKUP_NGRAM tokens, in its prompt or its answer (prompt lookup decoding, as in
         transformers' `prompt_lookup_num_tokens`). When the batch is down to one row (the tail
-        of a run), a step reads all the weights for one token; checking LOOKUP_TOKENS guesses
-        in that step costs little more, and each guess the model agrees with saves a step.
-        The result is still exactly the greedy answer: only agreed guesses are kept."""
+        of a run), a step reads all the weights for one token; checking guesses in that step
+        costs little more, and each guess the model agrees with saves a step. The result is
+        still exactly the greedy answer: only agreed guesses are kept.
+
+        Of the occurrences, the one whose preceding tokens match the row's for longest
+        (`lookup_start`): in a repetition loop whose period holds the same 3 tokens twice, the
+        latest occurrence may be the wrong one of the two (bench/generate.py's prompts without
+        the repetition penalty: a 128-token answer's checks alternately kept all 10 guesses and
+        none). A row whose guesses were all kept guesses twice as many the next time
+        (`_Row.guesses`): a loop goes on, and on gemma-3-270m here (bf16) a forward of 64
+        positions took 73 ms against 42 ms for 11 (bench/README.md, round 23)."""
         if len(rows) != 1 or not self.lookup:
             return []
         row = rows[0]
-        room = row.max_new_tokens - len(row.new) - 1  # the step adds its own token after the guesses
-        if room < 1 or not self._room(cache, LOOKUP_TOKENS + 1):
+        # the step adds its own token after the guesses, in the row's limit and in the cache
+        n = int(min(row.guesses, row.max_new_tokens - len(row.new) - 1, self._spare(cache) - 1))
+        if n < 1:
             return []
         context = row.prompt_ids + row.new
-        tail = context[-LOOKUP_NGRAM:]
-        for i in range(len(context) - LOOKUP_NGRAM - 1, -1, -1):
-            if context[i:i + LOOKUP_NGRAM] == tail:
-                # What followed the match, read on into the guess itself: a loop with a period
-                # shorter than the guess goes on repeating.
-                guess = list(context)
-                for m in range(min(LOOKUP_TOKENS, room)):
-                    guess.append(guess[i + LOOKUP_NGRAM + m])
-                return guess[len(context):]
-        return []
+        start = lookup_start(context, LOOKUP_NGRAM, LOOKUP_CONTEXT)
+        if start is None:
+            return []
+        # What followed the match, read on into the guess itself: a loop with a period shorter
+        # than the guess goes on repeating.
+        guess = list(context)
+        for m in range(n):
+            guess.append(guess[start + m])
+        return guess[len(context):]
 
     def _verify(self, nxt: int, draft: list[int], mask, seen, penalty, cache) -> list[int]:
         """One forward over the lone row's next token and the guesses after it: the guesses the
@@ -557,9 +586,13 @@ class ContinuousDecoder:
     def _room(self, cache, n: int) -> bool:
         """Can `n` more positions go into the cache and be taken back out (crop)? Only while
         every layer is plain and each sliding-window layer still holds the whole sequence."""
+        return n <= self._spare(cache)
+
+    def _spare(self, cache) -> float:
+        """How many more positions `_room` allows (inf without a sliding window)."""
         if self.window is False:
-            return False
-        return self.window is None or cache.get_seq_length() + n < self.window - 1
+            return 0
+        return float("inf") if self.window is None else self.window - 2 - cache.get_seq_length()
 
     def _prefill(self, group: list[tuple[_Row, list[int]]]):
         """The forward over new prompts: their rows (in the order of the cache), cache, mask,
@@ -892,6 +925,29 @@ def _keep_rows(cache, keep: list[int], plain: bool, device) -> list[int]:
                 layer.values[a].copy_(layer.values[b])
         layer.keys, layer.values = layer.keys[:m], layer.values[:m]
     return order
+
+
+def lookup_start(context: list[int], ngram: int, longest: int) -> int | None:
+    """Where a guess of what follows `context` starts: the position just after an earlier
+    occurrence of its last `ngram` tokens, choosing the occurrence preceded by the longest run
+    of tokens equal to those before the context's end (counted up to `longest`), the latest
+    of equals. None where the last `ngram` tokens do not occur earlier."""
+    n = len(context)
+    if n <= ngram:
+        return None
+    tail = context[-ngram:]
+    best, best_run = None, 0
+    for i in range(n - ngram - 1, -1, -1):  # occurrences context[i:i + ngram], latest first
+        if context[i:i + ngram] != tail:
+            continue
+        run = ngram  # tokens matched backwards from the occurrence's end and the context's end
+        while run < longest and run <= i + ngram - 1 and context[i + ngram - 1 - run] == context[n - 1 - run]:
+            run += 1
+        if run > best_run:
+            best, best_run = i + ngram, run
+            if run >= longest:
+                break
+    return best
 
 
 def common_length(a: list[int], b: list[int], limit: int) -> int:
