@@ -510,15 +510,13 @@ class Int8Head:
         # 4096 (gemma-3-270m, the same bytes; bench/README.md, round 16).
         rows = 1024
         x, a = torch.empty(rows, d), torch.empty(rows, d)
-        rest = torch.ones(d)
-        rest[self.outliers] = 0
         for i in range(0, vocab, rows):
             n = min(rows, vocab - i)
             xb, ab = x[:n], a[:n]
             xb.copy_(w[i:i + n])  # bf16 to fp32 exactly
             torch.linalg.vector_norm(xb, dim=1, out=norm[i:i + n])
             torch.index_select(xb, 1, self.outliers, out=w_out[i:i + n])
-            xb.mul_(rest)
+            xb.index_fill_(1, self.outliers, 0)
             torch.abs(xb, out=ab)
             torch.sum(ab, 1, out=l1[i:i + n])
             s = scale[i:i + n]
