@@ -352,6 +352,33 @@ def _cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+@functools.lru_cache(maxsize=1)
+def _onednn_int8_exact() -> bool:
+    """Does oneDNN's int8 product give the exact integer sums the bound assumes? With VNNI or
+    AMX it does; limited to older instructions (e.g. ONEDNN_MAX_CPU_ISA=AVX512_CORE), pairs of
+    u8 x s8 products are added in saturating int16 (255 * 127 * 2 > 32767) and the bound broke
+    (review of round 23). Checked once per process on the extreme values, in a few ms."""
+    onednn = getattr(torch.ops, "onednn", None)
+    if not (torch.backends.mkldnn.is_available()
+            and all(hasattr(onednn, op) for op in ("qlinear_prepack", "qlinear_pointwise"))):
+        return False
+    d = 256
+    qw = torch.full((32, d), 127, dtype=torch.int8)
+    qw[1::2] = -127
+    qw[2::4, 1::2] = -127
+    qx = torch.full((4, d), 255, dtype=torch.uint8)  # with zero point 128: +127
+    qx[1] = 1  # -127
+    qx[2, ::2] = 1
+    qx[3, ::3] = 128
+    try:
+        packed = torch.ops.onednn.qlinear_prepack(qw, [4, d])
+        got = torch.ops.onednn.qlinear_pointwise(qx, 1.0, 128, packed, torch.ones(32), torch.zeros(32, dtype=torch.long),
+                                                 None, 1.0, 0, torch.float32, "none", [], "")
+    except RuntimeError:
+        return False
+    return torch.equal(got.double(), (qx.double() - 128) @ qw.double().T)  # sums below 2^24: exact in fp32
+
+
 def _pack_fbgemm(q: torch.Tensor, scale: torch.Tensor, blocks: list[int], block: int) -> list:
     """fbgemm's packed blocks of int8 weights `q` [vocab, d] with per-row scales `scale`."""
     import warnings
@@ -472,9 +499,7 @@ class Int8Head:
         if not on_x86():
             return []
         found = []
-        onednn = getattr(torch.ops, "onednn", None)
-        if (_cpu_flags() & {"amx_int8", "avx512_vnni"} and torch.backends.mkldnn.is_available()
-                and all(hasattr(onednn, op) for op in ("qlinear_prepack", "qlinear_pointwise"))):
+        if _cpu_flags() & {"amx_int8", "avx512_vnni"} and _onednn_int8_exact():
             found.append("onednn")
         if "fbgemm" in torch.backends.quantized.supported_engines and hasattr(torch.ops.quantized, "linear_dynamic"):
             found.append("fbgemm")

@@ -862,6 +862,71 @@ def test_int8_choice_of_a_bf16_layer_is_its_greedy_choice_at_rounded_ties(int8_e
     assert torch.equal(dec._int8_choice(h, seen, col), want)
 
 
+@pytest.mark.parametrize("rows", [5, 40])
+def test_int8_choice_of_a_bf16_layer_matches_greedy_t_bit_for_bit_at_many_rows(int8_engine, rows):
+    """The candidates' exact bf16 logits are the bits of the whole layer's product (`greedy_t`'s
+    layout, W @ h.T): for 33 or more rows `F.linear` on the candidates' rows gave other bits in
+    about 1 of 10^4 logits (review of round 23), which at bf16's frequent ties changed choices.
+    Many tokens here have exact sums within ~1e-7 of a bf16 rounding midpoint."""
+    from lidr.backends.decode import ContinuousDecoder
+    from lidr.head import Int8Head, greedy_t
+
+    torch.manual_seed(1)
+    vocab, d, per = 70_000, 640, 20
+    h = torch.randn(rows, d) * 0.3
+    h[:, :rows] = 0
+    h[torch.arange(rows), torch.arange(rows)] = 10.0  # one large channel per row
+    h = h.bfloat16()
+    hd = h.double()
+    w = torch.randn(vocab, d) * 0.004
+    midpoint = 13.03125  # between bf16's 13.0 and 13.0625
+    ids = torch.randperm(vocab)[:rows * per].view(rows, per)
+    for r in range(rows):
+        for v in ids[r].tolist():  # three weights set so that the row's exact sum is near the midpoint
+            wv = (torch.randn(d) * 0.004).bfloat16().double()
+            wv[:rows] = 0
+            channels = [r, *(rows + hd[r, rows:].abs().topk(8).indices[torch.randperm(8)[:2]]).tolist()]
+            wv[channels] = 0
+            for ch in channels:
+                wv[ch] = float(torch.tensor((midpoint - float(wv @ hd[r])) / float(hd[r, ch])).bfloat16())
+            w[v] = wv.float()
+    w = w.bfloat16()
+    dec = object.__new__(ContinuousDecoder)  # only what the choice reads
+    dec.head_weight, dec.head_bias, dec.softcap = w, None, None
+    dec.pack_head, dec.packed_head = False, None
+    dec.int8_head = Int8Head(w, h, int8_engine)
+    seen = ids[:, ::7].contiguous()
+    for penalty in (None, 1.3, 0.7):
+        col = None if penalty is None else torch.full((rows, 1), penalty)
+        got = dec._int8_choice(h, seen, col)
+        assert got is not None and torch.equal(got, greedy_t(w, h, seen, col)), penalty
+
+
+def test_onednn_int8_engine_only_where_its_sums_are_exact(monkeypatch):
+    """oneDNN's int8 product is used only where it sums exactly (VNNI or AMX): without them its
+    saturating int16 pairs broke the bound, and the screen then takes fbgemm."""
+    from lidr import head
+    from lidr.head import Int8Head
+
+    if "fbgemm" not in Int8Head.engines():
+        pytest.skip("no fbgemm int8 product on this machine")
+    monkeypatch.setattr(head, "_onednn_int8_exact", lambda: False)
+    assert Int8Head.engines() == ["fbgemm"] and Int8Head.default_engine() == "fbgemm"
+    if head._cpu_flags() & {"amx_int8", "avx512_vnni"}:  # (the real check, on this CPU)
+        monkeypatch.undo()
+        assert head._onednn_int8_exact() and Int8Head.engines()[0] == "onednn"
+
+
+def test_a_cache_the_decoder_does_not_handle_has_no_room():
+    """With cache layers the decoder cannot pad or crop (`window` False), no rows join and no
+    guesses are checked, not even zero positions' worth."""
+    from lidr.backends.decode import ContinuousDecoder
+
+    dec = object.__new__(ContinuousDecoder)
+    dec.window = False
+    assert not dec._room(object(), 0) and not dec._can_join(object()) and dec._spare(object()) < 0
+
+
 @pytest.mark.parametrize("kind", ["gemma3", "llama"])
 def test_bf16_model_with_the_int8_screen_answers_as_its_bf16_output_layer(tmp_path, kind, monkeypatch):
     """A bf16 model's steps, one row or several, are screened by the oneDNN int8 copy where the

@@ -234,7 +234,11 @@ class ContinuousDecoder:
         """fp32 logits [rows, vocab] of hidden states `h`; with `tokens`, [rows, len(tokens)]
         for those vocabulary ids only (used without an output bias only)."""
         if tokens is not None:
-            logits = F.linear(h, self.head_weight.index_select(0, tokens))  # 3-4x faster than [tokens]
+            rows = self.head_weight.index_select(0, tokens)  # 3-4x faster than [tokens]
+            if self.head_weight.dtype == torch.float32 or h.device.type != "cpu":
+                logits = F.linear(h, rows)
+            else:  # the layout of the whole layer's product (lidr/head.py): its bits, which ties in bf16 need
+                logits = (rows @ h.T.contiguous()).T
         elif self._packed_head() is not None:
             logits = packed_linear.linear(h, self.packed_head, self.head_bias)
         elif h.device.type == "cpu":
@@ -483,7 +487,7 @@ class ContinuousDecoder:
             chosen = self._verify(int(nxt), draft, mask, seen, penalty, cache)
             accepted = chosen[:-1]  # guessed tokens the model would have chosen
             # a row in a repetition loop: the next check takes twice as many guesses
-            row.guesses = min(LOOKUP_MAX_TOKENS, 2 * len(draft)) if len(accepted) == len(draft) else LOOKUP_TOKENS
+            row.guesses = min(LOOKUP_MAX_TOKENS, 2 * row.guesses) if len(accepted) == len(draft) else LOOKUP_TOKENS
             cache.crop(-(len(draft) - len(accepted)))  # forget the rejected guesses
             assert cache.get_seq_length() == before + 1 + len(accepted)
             mask = torch.cat([mask, mask.new_ones(1, len(accepted))], 1)
@@ -589,9 +593,10 @@ class ContinuousDecoder:
         return n <= self._spare(cache)
 
     def _spare(self, cache) -> float:
-        """How many more positions `_room` allows (inf without a sliding window)."""
+        """How many more positions `_room` allows (inf without a sliding window; -1, not even
+        none, where the cache has layers the decoder does not handle)."""
         if self.window is False:
-            return 0
+            return -1
         return float("inf") if self.window is None else self.window - 2 - cache.get_seq_length()
 
     def _prefill(self, group: list[tuple[_Row, list[int]]]):
