@@ -113,13 +113,15 @@ class GenerationConfig(_Section):
     cpu_packed_weights: bool = Field(
         True,
         description=(
-            "backend hf on an x86-64 CPU (fp32): run the linear layers through oneDNN with weights reordered "
+            "backend hf on an x86-64 CPU (fp32; bf16 too with AMX or AVX512-BF16): run the linear layers through oneDNN with weights reordered "
             "once (lidr/packed_linear.py; decoding steps of 4-32 rows 1.4-2x faster in "
             "bench/README.md; costs memory, one more copy of the weights: +1.06 GB RSS for gemma-3-270m; "
             "skipped when twice that is not free). With it, an output layer of 16 M parameters or more also "
-            "gets an int8 copy (fbgemm) that screens the greedy choice of decoding steps of several rows, "
-            "exactly (lidr/head.py, Int8Head; about 0.2 GB and 2 s to build for gemma-3-270m, at the first "
-            "such step; kept for the process's later backends whose output layer has the same bytes, as LoRA "
+            "gets an int8 copy that screens the greedy choice of decoding steps exactly: fp32 steps of several "
+            "rows (oneDNN on CPUs with VNNI/AMX int8, else fbgemm), bf16 steps of any rows where oneDNN's "
+            "int8 product is exact (lidr/head.py, Int8Head; about 0.26 GB and 0.6-2 s to build for "
+            "gemma-3-270m, at the first such step; kept for the process's later backends whose output layer "
+            "has the same bytes, as LoRA "
             "leaves it). Also used by the translator's hf engine."
         ),
     )
