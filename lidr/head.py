@@ -340,24 +340,12 @@ def _on_two_threads(work) -> None:
 
 
 @functools.lru_cache(maxsize=1)
-def _cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags (/proc/cpuinfo's first "flags" line; empty where there is none)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-@functools.lru_cache(maxsize=1)
 def _onednn_int8_exact() -> bool:
     """Does oneDNN's int8 product give the exact integer sums the bound assumes? With VNNI or
     AMX it does; limited to older instructions (e.g. ONEDNN_MAX_CPU_ISA=AVX512_CORE), pairs of
     u8 x s8 products are added in saturating int16 (255 * 127 * 2 > 32767) and the bound broke
-    (review of round 23). Checked once per process on the extreme values, in a few ms."""
+    (review of round 23). Checked once per process on the extreme values (11 ms here, the first
+    oneDNN int8 call included)."""
     onednn = getattr(torch.ops, "onednn", None)
     if not (torch.backends.mkldnn.is_available()
             and all(hasattr(onednn, op) for op in ("qlinear_prepack", "qlinear_pointwise"))):
@@ -379,10 +367,11 @@ def _onednn_int8_exact() -> bool:
     return torch.equal(got.double(), (qx.double() - 128) @ qw.double().T)  # sums below 2^24: exact in fp32
 
 
-def _pack_fbgemm(q: torch.Tensor, scale: torch.Tensor, blocks: list[int], block: int) -> list:
-    """fbgemm's packed blocks of int8 weights `q` [vocab, d] with per-row scales `scale`."""
+def _pack_fbgemm(q: torch.Tensor, scale: torch.Tensor, block: int) -> list:
+    """fbgemm's packed blocks of `block` rows of int8 weights `q` [vocab, d] with per-row scales `scale`."""
     import warnings
 
+    blocks = range(0, len(q), block)
     zero, scale64 = torch.zeros(len(q), dtype=torch.long), scale.double()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao's deprecation notice for quantized tensors
@@ -405,11 +394,11 @@ def _pack_fbgemm(q: torch.Tensor, scale: torch.Tensor, blocks: list[int], block:
     return packed
 
 
-def _pack_onednn(q: torch.Tensor, scale: torch.Tensor, blocks: list[int], block: int) -> list:
-    """oneDNN's packed blocks of int8 weights `q` [vocab, d]: per block (weights, scales, zero
-    points), the arguments `onednn::qlinear_pointwise` takes after the activations'."""
+def _pack_onednn(q: torch.Tensor, scale: torch.Tensor, block: int) -> list:
+    """oneDNN's packed blocks of `block` rows of int8 weights `q` [vocab, d]: per block (weights,
+    scales, zero points), the arguments `onednn::qlinear_pointwise` takes after the activations'."""
     out = []
-    for i in blocks:
+    for i in range(0, len(q), block):
         n = min(block, len(q) - i)
         packed = torch.ops.onednn.qlinear_prepack(q[i:i + n], [16, q.shape[1]])
         out.append((packed, scale[i:i + n].contiguous(), torch.zeros(n, dtype=torch.long)))
@@ -436,9 +425,11 @@ class Int8Head:
     AVX512-VNNI) it is oneDNN's (`onednn::qlinear_pointwise`, as PyTorch's own x86 int8
     inference uses): gemma-3-270m's 168 MB of int8 weights for 1-16 rows in 7.8-8.8 ms, near the
     memory's limit, where its bf16 output layer took 15-18 ms (bench/README.md, round 23). Each row
-    then gets its own activation scale (quantized here, not by the kernel), which with the
-    outlier channels below left a median of 10 candidate tokens a row on real decoding rows
-    (against 53 with one scale for all rows). Elsewhere (AVX2) it is fbgemm's, as described next.
+    then gets its own activation scale (quantized here, not by the kernel): in a float model of
+    the bound on 120 real decoding rows, a median of 10 candidate tokens a row with the outlier
+    channels below, against 53 with one scale for all rows; the screen itself, on the 59 steps of
+    bench/generate.py, read exact logits for a median of 22 distinct tokens per row of a step
+    (at most 106). Elsewhere (AVX2) it is fbgemm's, as described next.
 
     fbgemm's int8 product (`quantized::linear_dynamic`) ran gemma-3-270m's output layer 2.3x
     faster than the packed fp32 one on the decoding steps of bench/generate.py. Its result is not
@@ -494,12 +485,13 @@ class Int8Head:
     def engines() -> list[str]:
         """The int8 products this machine can run, the one used first (see the class): "onednn"
         on an x86-64 CPU with AMX or AVX512-VNNI int8 instructions, "fbgemm" on x86-64 (AVX2)."""
+        from lidr.models import cpu_flags
         from lidr.packed_linear import on_x86
 
         if not on_x86():
             return []
         found = []
-        if _cpu_flags() & {"amx_int8", "avx512_vnni"} and _onednn_int8_exact():
+        if cpu_flags() & {"amx_int8", "avx512_vnni"} and _onednn_int8_exact():
             found.append("onednn")
         if "fbgemm" in torch.backends.quantized.supported_engines and hasattr(torch.ops.quantized, "linear_dynamic"):
             found.append("fbgemm")
@@ -554,8 +546,7 @@ class Int8Head:
         self.l1_max, self.s_max = float(l1.max()), float(scale.max())
         self.max_row_norm = float(norm.max())
         self.blocks = list(range(0, vocab, self.BLOCK))
-        self.packed = _pack_onednn(q, scale, self.blocks, self.BLOCK) if self.engine == "onednn" else \
-            _pack_fbgemm(q, scale, self.blocks, self.BLOCK)
+        self.packed = (_pack_onednn if self.engine == "onednn" else _pack_fbgemm)(q, scale, self.BLOCK)
         self._out: torch.Tensor | None = None  # the bounds' buffer (`upper`)
 
     def upper(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

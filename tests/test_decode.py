@@ -4,6 +4,8 @@ and leaving a running batch, sliding-window caches."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -732,6 +734,18 @@ def test_int8_screen_checks_a_lone_rows_guesses(backend, penalty, monkeypatch):
     Int8Head.forget()
 
 
+def _choice_decoder(w: torch.Tensor, int8_head, softcap: float | None = None):
+    """A ContinuousDecoder with only what `_int8_choice` reads: the output layer `w` (no bias,
+    not packed) and its int8 screen."""
+    from lidr.backends.decode import ContinuousDecoder
+
+    dec = object.__new__(ContinuousDecoder)
+    dec.head_weight, dec.head_bias, dec.softcap = w, None, softcap
+    dec.pack_head, dec.packed_head = False, None
+    dec.int8_head = int8_head
+    return dec
+
+
 @pytest.fixture(params=["onednn", "fbgemm"])
 def int8_engine(request):
     """Each int8 product this machine runs (lidr/head.py, Int8Head.engines): the screen's bound
@@ -793,18 +807,15 @@ def test_int8_choice_reads_only_the_chunks_that_can_win(int8_engine, softcap, pe
     bounds, candidates only from chunks whose largest bound reaches the bar) is the fp32 greedy
     choice, on a vocabulary whose last chunk and block are partial, with soft-capping and a
     penalty that lowers (1.3) or raises (0.7) the seen tokens, which win where 0.7 lifts them."""
-    from lidr.backends.decode import ContinuousDecoder, _choose
+    from lidr.backends.decode import _choose
     from lidr.head import Int8Head
 
     torch.manual_seed(0)
     w = torch.randn(70_000, 256) * 0.04
     h = torch.randn(6, 256) * 3
     h[:, :4] += 60  # outlier channels
-    dec = object.__new__(ContinuousDecoder)  # only what the choice reads
-    dec.head_weight, dec.head_bias, dec.softcap = w, None, softcap
-    dec.pack_head, dec.packed_head = False, None
     w[69_990] = w[int((h[0] @ w.T).argmax())] * 0.999  # row 0's runner-up, in the partial last chunk
-    dec.int8_head = Int8Head(w, h, int8_engine)
+    dec = _choice_decoder(w, Int8Head(w, h, int8_engine), softcap)
     # seen ids: each row's runner-up and random others
     exact = h @ w.T
     runner_up = exact.topk(2, dim=1).indices[:, 1]
@@ -835,7 +846,6 @@ def test_int8_choice_of_a_bf16_layer_is_its_greedy_choice_at_rounded_ties(int8_e
     outlier channels, which the screen runs in fp32) a token whose sum is below another's can
     still round to the same value and win: the screen's bar leaves room for that rounding, and
     for the best logit's own rounding above every bound."""
-    from lidr.backends.decode import ContinuousDecoder
     from lidr.head import Int8Head, greedy_t
 
     torch.manual_seed(0)
@@ -850,10 +860,7 @@ def test_int8_choice_of_a_bf16_layer_is_its_greedy_choice_at_rounded_ties(int8_e
     h[:, :2] = 1.0
     h[:, 16:] = torch.randn(3, d - 16) * 1e-3  # (small: the int8 part's bound stays tight)
     h = h.bfloat16()
-    dec = object.__new__(ContinuousDecoder)  # only what the choice reads
-    dec.head_weight, dec.head_bias, dec.softcap = w, None, None
-    dec.pack_head, dec.packed_head = False, None
-    dec.int8_head = Int8Head(w, calibration, int8_engine)
+    dec = _choice_decoder(w, Int8Head(w, calibration, int8_engine))
     assert set(range(16)) <= set(dec.int8_head.outliers.tolist())
     seen = torch.randint(100, 70_000, (3, 20))
     col = None if penalty is None else torch.full((3, 1), penalty)
@@ -868,7 +875,6 @@ def test_int8_choice_of_a_bf16_layer_matches_greedy_t_bit_for_bit_at_many_rows(i
     layout, W @ h.T): for 33 or more rows `F.linear` on the candidates' rows gave other bits in
     about 1 of 10^4 logits (review of round 23), which at bf16's frequent ties changed choices.
     Many tokens here have exact sums within ~1e-7 of a bf16 rounding midpoint."""
-    from lidr.backends.decode import ContinuousDecoder
     from lidr.head import Int8Head, greedy_t
 
     torch.manual_seed(1)
@@ -891,10 +897,7 @@ def test_int8_choice_of_a_bf16_layer_matches_greedy_t_bit_for_bit_at_many_rows(i
                 wv[ch] = float(torch.tensor((midpoint - float(wv @ hd[r])) / float(hd[r, ch])).bfloat16())
             w[v] = wv.float()
     w = w.bfloat16()
-    dec = object.__new__(ContinuousDecoder)  # only what the choice reads
-    dec.head_weight, dec.head_bias, dec.softcap = w, None, None
-    dec.pack_head, dec.packed_head = False, None
-    dec.int8_head = Int8Head(w, h, int8_engine)
+    dec = _choice_decoder(w, Int8Head(w, h, int8_engine))
     seen = ids[:, ::7].contiguous()
     for penalty in (None, 1.3, 0.7):
         col = None if penalty is None else torch.full((rows, 1), penalty)
@@ -902,19 +905,25 @@ def test_int8_choice_of_a_bf16_layer_matches_greedy_t_bit_for_bit_at_many_rows(i
         assert got is not None and torch.equal(got, greedy_t(w, h, seen, col)), penalty
 
 
-def test_onednn_int8_engine_only_where_its_sums_are_exact(monkeypatch):
-    """oneDNN's int8 product is used only where it sums exactly (VNNI or AMX): without them its
-    saturating int16 pairs broke the bound, and the screen then takes fbgemm."""
-    from lidr import head
-    from lidr.head import Int8Head
+def test_onednn_int8_engine_only_where_its_sums_are_exact():
+    """oneDNN's int8 product is used only where it sums exactly (VNNI or AMX). Limited to
+    AVX-512 without VNNI, its saturating int16 pairs broke the bound: the check finds that and
+    the screen takes fbgemm (a process of its own, as oneDNN reads the limit once)."""
+    import subprocess
+    import sys
 
-    if "fbgemm" not in Int8Head.engines():
-        pytest.skip("no fbgemm int8 product on this machine")
-    monkeypatch.setattr(head, "_onednn_int8_exact", lambda: False)
-    assert Int8Head.engines() == ["fbgemm"] and Int8Head.default_engine() == "fbgemm"
-    if head._cpu_flags() & {"amx_int8", "avx512_vnni"}:  # (the real check, on this CPU)
-        monkeypatch.undo()
-        assert head._onednn_int8_exact() and Int8Head.engines()[0] == "onednn"
+    from lidr.head import Int8Head
+    from lidr.models import cpu_flags
+
+    if "onednn" not in Int8Head.engines():
+        pytest.skip("no exact oneDNN int8 product on this machine")
+    code = "from lidr.head import Int8Head, _onednn_int8_exact; print(_onednn_int8_exact(), Int8Head.engines())"
+    for isa, want in (("AVX512_CORE", "False ['fbgemm']"), ("ALL", "True ['onednn', 'fbgemm']")):
+        if isa == "AVX512_CORE" and "avx512f" not in cpu_flags():
+            continue
+        env = {**os.environ, "ONEDNN_MAX_CPU_ISA": isa}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == want, (isa, out.stdout, out.stderr[-500:])
 
 
 def test_a_cache_the_decoder_does_not_handle_has_no_room():

@@ -237,8 +237,8 @@ class ContinuousDecoder:
             rows = self.head_weight.index_select(0, tokens)  # 3-4x faster than [tokens]
             if self.head_weight.dtype == torch.float32 or h.device.type != "cpu":
                 logits = F.linear(h, rows)
-            else:  # the layout of the whole layer's product (lidr/head.py): its bits, which ties in bf16 need
-                logits = (rows @ h.T.contiguous()).T
+            else:  # as the whole layer runs (`logits_t`, `greedy_t`): its bits, which ties in bf16 need
+                logits = logits_t(rows, h).T
         elif self._packed_head() is not None:
             logits = packed_linear.linear(h, self.packed_head, self.head_bias)
         elif h.device.type == "cpu":
