@@ -30,6 +30,8 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 
+from lidr.direct_io import Reader, Writer
+
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 BODY = "model-body.safetensors"  # everything but the vocabulary matrices, when it fits one file
@@ -150,20 +152,23 @@ def save_with_deltas(source: str | Path, out_dir: str | Path, deltas: dict[str, 
         # in cache and needs no new pages, and the changed ones are merged in place there.
         buffer = torch.empty(max(max(end - start for (start, end), k in entries if k in deltas), _COPY_CHUNK),
                              dtype=torch.uint8)
-        with (source / file).open("rb") as src, (out_dir / file).open("wb") as out:
+        # Around the page cache where that is faster (lidr/direct_io.py): the file written is not
+        # read again in this process but by the next train stage, and the source is read from
+        # the cache where it is there (M0), else from the disk (M_t written by the last stage).
+        with Reader(source / file) as src, Writer(out_dir / file) as out:
             out.write(len(raw_header).to_bytes(8, "little") + raw_header)  # the same tensors at the same offsets
-            src.seek(8 + len(raw_header))
+            src.skip(8 + len(raw_header))
             for (start, end), name in entries:
                 if name not in deltas:
                     _copy_bytes(src, out, end - start, buffer)
                     continue
                 merged = buffer[:end - start]
-                _read_exactly(src, merged, source / file)
+                _read_exactly(src, merged)
                 merged = merged.view(_TORCH[header[name]["dtype"]]).view(deltas[name].shape)
                 deltas[name].add_to(merged)
                 if on_merged is not None:
                     on_merged(name, merged)
-                out.write(memoryview(buffer[:end - start].numpy()))
+                out.write(buffer[:end - start].numpy())
         done["written"] += names
     for extra in ("config.json", "generation_config.json", INDEX):
         if (source / extra).is_file():
@@ -174,17 +179,19 @@ def save_with_deltas(source: str | Path, out_dir: str | Path, deltas: dict[str, 
 _COPY_CHUNK = 8 << 20  # bytes of an unchanged tensor copied at a time
 
 
-def _read_exactly(src, into: torch.Tensor, path: Path) -> None:
-    if src.readinto(memoryview(into.numpy())) != into.numel():
-        raise ValueError(f"{path}: the file ends before the tensors its header lists")
+def _read_exactly(src: Reader, into: torch.Tensor) -> None:
+    try:
+        src.readinto(into.numpy())
+    except EOFError:
+        raise ValueError(f"{src.path}: the file ends before the tensors its header lists") from None
 
 
-def _copy_bytes(src, out, n: int, buffer: torch.Tensor) -> None:
+def _copy_bytes(src: Reader, out: Writer, n: int, buffer: torch.Tensor) -> None:
     """The next `n` bytes of `src` to `out`, through `buffer`."""
     while n:
         chunk = buffer[:min(n, buffer.numel())]
-        _read_exactly(src, chunk, Path(src.name))
-        out.write(memoryview(chunk.numpy()))
+        _read_exactly(src, chunk)
+        out.write(chunk.numpy())
         n -= chunk.numel()
 
 

@@ -1,0 +1,133 @@
+"""lidr/direct_io.py: big files written and read start to end around the page cache give the
+same bytes as plain files, whatever the sizes, and fall back to the cache where they must."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+
+import pytest
+
+import lidr.direct_io as dio
+from lidr.direct_io import ALIGN, Reader, Writer
+
+SIZES = [0, 1, ALIGN - 1, ALIGN, ALIGN + 1, dio.CHUNK - 1, dio.CHUNK, dio.CHUNK + 5, 2 * dio.CHUNK + ALIGN + 123]
+
+
+def _pieces(data: bytes, seed: int):
+    """`data` cut at random places, some pieces empty, some longer than a chunk."""
+    rng, at = random.Random(seed), 0
+    while at < len(data):
+        n = rng.choice([0, 1, 7, ALIGN - 3, ALIGN, 100_000, dio.CHUNK + 17])
+        yield data[at:at + n]
+        at += n
+
+
+def _data(n: int, seed: int = 0) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_the_file_holds_exactly_what_was_written(tmp_path, direct):
+    for i, n in enumerate(SIZES):
+        data, path = _data(n, i), tmp_path / f"f{i}"
+        with Writer(path, direct=direct) as w:
+            for piece in _pieces(data, i):
+                w.write(piece)
+        assert path.read_bytes() == data, n  # the padding of the last block cut off
+        assert w.size == n
+
+
+def test_direct_writes_leave_the_file_out_of_the_cache_and_reads_then_go_direct(tmp_path):
+    """Where the file system takes O_DIRECT (ext4 here), the written file is not in the page
+    cache; a `Reader` sees that and reads it with O_DIRECT too; a file read once through the
+    cache is read through it."""
+    path = tmp_path / "big"
+    data = _data(3 * dio.CHUNK + 999)
+    with Writer(path) as w:
+        w.write(data)
+    if not w.direct:
+        pytest.skip("this file system does not take O_DIRECT")
+    with Reader(path) as r:
+        assert r.direct
+        got = bytearray(len(data))
+        r.readinto(got)
+    assert got == data
+    path.read_bytes()  # now in the cache
+    with Reader(path) as r:
+        assert not r.direct
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_reads_and_skips_from_anywhere_give_the_files_bytes(tmp_path, direct):
+    path = tmp_path / "f"
+    data = _data(2 * dio.CHUNK + 5000, 1)
+    path.write_bytes(data)
+    rng = random.Random(2)
+    with Reader(path, direct=direct) as r:
+        at = 0
+        while at < len(data):
+            skip = min(rng.choice([0, 0, 1, 13, ALIGN + 1, dio.CHUNK // 3]), len(data) - at)
+            r.skip(skip)
+            at += skip
+            n = min(rng.choice([1, 100, ALIGN, ALIGN + 7, dio.CHUNK + 3]), len(data) - at)
+            buf = bytearray(n)
+            r.readinto(buf)
+            assert buf == data[at:at + n], at
+            at += n
+        with pytest.raises(EOFError, match=str(path)):
+            r.readinto(bytearray(1))
+
+
+def test_a_direct_write_that_fails_goes_on_through_the_cache(tmp_path, monkeypatch):
+    """A direct write refused midway (EINVAL, as for an unaligned device) is not an error: the
+    rest goes through the page cache from where the file stands, and the file is whole."""
+    path = tmp_path / "f"
+    with Writer(path) as w:
+        if not w.direct:
+            pytest.skip("this file system does not take O_DIRECT")
+        data = _data(2 * dio.CHUNK + 777, 3)
+        w.write(data[:dio.CHUNK + 10])  # one chunk written directly
+        real_write, calls = os.write, []
+
+        def refuse_direct(fd, buf):
+            import fcntl
+
+            if fcntl.fcntl(fd, fcntl.F_GETFL) & dio._DIRECT:
+                calls.append(len(buf))
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real_write(fd, buf)
+
+        monkeypatch.setattr(dio.os, "write", refuse_direct)
+        w.write(data[dio.CHUNK + 10:])
+    assert calls and not w.direct
+    assert path.read_bytes() == data
+
+
+def test_without_o_direct_both_use_the_cache(tmp_path, monkeypatch):
+    """Where the OS has no O_DIRECT (macOS), plain reads and writes."""
+    monkeypatch.setattr(dio, "_DIRECT", 0)
+    path = tmp_path / "f"
+    data = _data(dio.CHUNK + 3)
+    with Writer(path) as w:
+        w.write(data)
+    assert not w.direct and path.read_bytes() == data
+    with Reader(path, direct=True) as r:
+        assert not r.direct
+        buf = bytearray(len(data))
+        r.readinto(buf)
+    assert buf == data
+
+
+def test_a_failed_write_is_raised_to_the_writer(tmp_path, monkeypatch):
+    """A write that fails for good (the disk full) on the writing thread is raised to the caller,
+    at its next full buffer or at close, not lost."""
+    def disk_full(fd, buf):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(dio.os, "write", disk_full)
+    for n in (10, 3 * dio.CHUNK):
+        with pytest.raises(OSError, match="No space"):
+            with Writer(tmp_path / f"f{n}", direct=False) as w:
+                w.write(_data(n))
