@@ -36,6 +36,10 @@ class Writer:
 
     def __init__(self, path: str | Path, direct: bool = True):
         self.path = Path(path)
+        self._buf = mmap.mmap(-1, CHUNK)  # page-aligned
+        self._view = memoryview(self._buf)
+        self._filled = 0  # bytes waiting in the buffer
+        self.size = 0  # bytes written so far, the buffer's included
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
         self.fd, self.direct = -1, False
         if direct and _DIRECT:
@@ -45,10 +49,6 @@ class Writer:
                 pass
         if self.fd < 0:
             self.fd = os.open(self.path, flags, 0o666)
-        self._buf = mmap.mmap(-1, CHUNK)  # page-aligned
-        self._view = memoryview(self._buf)
-        self._filled = 0  # bytes waiting in the buffer
-        self.size = 0  # bytes written so far, the buffer's included
 
     def write(self, data) -> None:
         """Append `data` (bytes, or any buffer: a tensor's `.numpy()`)."""
