@@ -10,15 +10,17 @@ took 0.06 s from the cache, 0.25 s with O_DIRECT and 0.9 s through the cache fro
 go at the disk's speed: for checkpoints of several GB (an 8B model), it also keeps them from
 pushing everything else out of the cache, as checkpointing libraries do.
 
-`Writer` writes with O_DIRECT where the file system takes it (not tmpfs, for one) and through
-the cache where it does not, or where a direct write fails. `Reader` reads through the cache
-where the file is there (three pages sampled without waiting: `cached`), else with O_DIRECT.
+`Writer` writes with O_DIRECT where the file system takes it (not tmpfs before Linux 6.6, for
+one) and through the cache where it does not, or where a direct write is refused (EINVAL).
+`Reader` reads through the cache where the file is there (three pages sampled without waiting:
+`cached`), else with O_DIRECT.
 Both go through one page-aligned buffer of their own, as O_DIRECT requires aligned memory,
 offsets and lengths; `Writer` pads the last block and cuts the file back to its length."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import mmap
 import os
 from pathlib import Path
@@ -63,6 +65,7 @@ class Writer:
                 self._flush(CHUNK)
 
     def close(self) -> None:
+        """Write what is left and close the file."""
         if self.fd < 0:
             return
         try:
@@ -75,11 +78,17 @@ class Writer:
                 self._flush(tail)
                 os.ftruncate(self.fd, self.size)
         finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Close the file without writing what is left (after an error: the caller's, or a
+        write's, whose buffer would otherwise go out again)."""
+        if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-            with contextlib.suppress(BufferError):  # a raised error's traceback may hold a view:
-                self._view.release()  # the map goes with it
-                self._buf.close()
+        with contextlib.suppress(BufferError):  # a raised error's traceback may hold a view:
+            self._view.release()  # the map goes with it
+            self._buf.close()
 
     def _flush(self, n: int) -> None:
         """Write the buffer's first n bytes, and empty it."""
@@ -87,8 +96,10 @@ class Writer:
         while done < n:
             try:
                 done += os.write(self.fd, self._view[done:n])
-            except OSError:
-                if not self.direct:
+            except OSError as e:
+                # EINVAL: O_DIRECT refused (an alignment this device or file system wants);
+                # anything else (EIO, ENOSPC) is an error, not to be hidden in the page cache
+                if not (self.direct and e.errno == errno.EINVAL):
                     raise
                 # The rest through the page cache: a failed write wrote nothing, so the file's
                 # offset stands after what was written
@@ -101,8 +112,11 @@ class Writer:
     def __enter__(self) -> "Writer":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # no plausible-looking short file from a failed copy
+            self.abort()
 
 
 def cached(fd: int, size: int) -> bool:
@@ -130,23 +144,28 @@ class Reader:
 
     def __init__(self, path: str | Path, direct: bool | None = None):
         self.path = Path(path)
-        self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        self.size = os.fstat(self.fd).st_size
-        if direct is None:
-            direct = not cached(self.fd, self.size)
-        self.direct = False
-        if direct and _DIRECT:
-            try:
-                direct_fd = os.open(self.path, os.O_RDONLY | _DIRECT | getattr(os, "O_CLOEXEC", 0))
-            except OSError:
-                pass
-            else:
-                os.close(self.fd)
-                self.fd, self.direct = direct_fd, True
         self.offset = 0  # the next byte to give
-        self._buf = mmap.mmap(-1, CHUNK) if self.direct else None
-        self._view = memoryview(self._buf) if self.direct else None
-        self._start = self._end = 0  # the file's bytes [start, end) are in the buffer (direct)
+        self._buf = self._view = None  # direct reads' buffer
+        self._start = self._end = 0  # the file's bytes [start, end) are in it
+        self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            self.size = os.fstat(self.fd).st_size
+            if direct is None:
+                direct = not cached(self.fd, self.size)
+            self.direct = bool(direct and _DIRECT and hasattr(os, "preadv"))
+            if self.direct:
+                self._buf = mmap.mmap(-1, CHUNK)  # page-aligned
+                self._view = memoryview(self._buf)
+                try:
+                    direct_fd = os.open(self.path, os.O_RDONLY | _DIRECT | getattr(os, "O_CLOEXEC", 0))
+                except OSError:  # a file system without O_DIRECT
+                    self.direct = False
+                else:
+                    os.close(self.fd)
+                    self.fd = direct_fd
+        except BaseException:
+            self.close()
+            raise
 
     def skip(self, n: int) -> None:
         self.offset += n
@@ -159,7 +178,12 @@ class Reader:
         if not self.direct:
             got = 0
             while got < len(out):
-                n = os.preadv(self.fd, [out[got:]], self.offset + got)
+                if hasattr(os, "preadv"):  # into `out` itself
+                    n = os.preadv(self.fd, [out[got:]], self.offset + got)
+                else:  # (macOS)
+                    piece = os.pread(self.fd, len(out) - got, self.offset + got)
+                    n = len(piece)
+                    out[got:got + n] = piece
                 if n <= 0:
                     raise EOFError(f"{self.path}: ends before byte {self.offset + len(out)}")
                 got += n
@@ -187,8 +211,9 @@ class Reader:
             os.close(self.fd)
             self.fd = -1
         if self._view is not None:
-            self._view.release()
-            self._buf.close()
+            with contextlib.suppress(BufferError):  # a raised error's traceback may hold a view
+                self._view.release()
+                self._buf.close()
             self._view = None
 
     def __enter__(self) -> "Reader":
