@@ -115,7 +115,7 @@ class Writer:
     def __exit__(self, exc_type, *exc) -> None:
         if exc_type is None:
             self.close()
-        else:  # no plausible-looking short file from a failed copy
+        else:  # the caller failed: what waits in the buffer is not written after the error
             self.abort()
 
 
