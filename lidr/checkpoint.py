@@ -152,9 +152,9 @@ def save_with_deltas(source: str | Path, out_dir: str | Path, deltas: dict[str, 
         # in cache and needs no new pages, and the changed ones are merged in place there.
         buffer = torch.empty(max(max(end - start for (start, end), k in entries if k in deltas), _COPY_CHUNK),
                              dtype=torch.uint8)
-        # Around the page cache where that is faster (lidr/direct_io.py): the file written is not
-        # read again in this process but by the next train stage, and the source is read from
-        # the cache where it is there (M0), else from the disk (M_t written by the last stage).
+        # Around the page cache where that is faster (lidr/direct_io.py): the file written is read
+        # again only as the next train stage's source, and a source is read from the cache where
+        # it is there (M0), else straight from the disk (M_t, written so by the last stage).
         with Reader(source / file) as src, Writer(out_dir / file) as out:
             out.write(len(raw_header).to_bytes(8, "little") + raw_header)  # the same tensors at the same offsets
             src.skip(8 + len(raw_header))

@@ -32,9 +32,9 @@ _DIRECT = getattr(os, "O_DIRECT", 0)  # 0 where the OS has none (macOS): plain r
 
 class Writer:
     """A new file at `path` (truncated if it exists), written start to end by `write`; `close`
-    (or the end of a `with` block) writes the rest and closes it. `direct`: whether writes
-    bypass the page cache (False once a direct write has failed, after which the cache takes
-    the rest)."""
+    (or the end of a `with` block without an error) writes the rest and closes it. `direct`:
+    whether writes bypass the page cache (False once a direct write was refused, after which the
+    cache takes the rest)."""
 
     def __init__(self, path: str | Path, direct: bool = True):
         self.path = Path(path)

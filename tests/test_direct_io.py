@@ -28,15 +28,29 @@ def _data(n: int, seed: int = 0) -> bytes:
     return random.Random(seed).randbytes(n)
 
 
+def _takes_direct(folder) -> bool:
+    """Does the file system under `folder` open files with O_DIRECT (asked of it directly)?"""
+    if not dio._DIRECT:
+        return False
+    try:
+        fd = os.open(folder / ".probe", os.O_WRONLY | os.O_CREAT | dio._DIRECT, 0o644)
+    except OSError:
+        return False
+    os.close(fd)
+    os.remove(folder / ".probe")
+    return True
+
+
 @pytest.mark.parametrize("direct", [True, False])
 def test_the_file_holds_exactly_what_was_written(tmp_path, direct):
     for i, n in enumerate(SIZES):
         data, path = _data(n, i), tmp_path / f"f{i}"
         with Writer(path, direct=direct) as w:
+            assert w.direct == (direct and _takes_direct(tmp_path))  # the path under test taken
             for piece in _pieces(data, i):
                 w.write(piece)
         assert path.read_bytes() == data, n  # the padding of the last block cut off
-        assert w.size == n
+        assert w.size == n and w.direct == (direct and _takes_direct(tmp_path))  # no write refused
 
 
 def test_direct_writes_leave_the_file_out_of_the_cache_and_reads_then_go_direct(tmp_path):
@@ -71,6 +85,7 @@ def test_reads_and_skips_from_anywhere_give_the_files_bytes(tmp_path, direct):
     path.write_bytes(data)
     rng = random.Random(2)
     with Reader(path, direct=direct) as r:
+        assert r.direct == (direct and _takes_direct(tmp_path))
         at = 0
         while at < len(data):
             skip = min(rng.choice([0, 0, 1, 13, ALIGN + 1, dio.CHUNK // 3]), len(data) - at)
