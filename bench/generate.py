@@ -234,6 +234,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     import torch
 
+    from lidr import kernels
     from lidr.backends.hf import HFBackend
     from lidr.models import pick_dtype, resolve_model
     from lidr.templates import choose_format
@@ -287,7 +288,8 @@ def main(argv=None) -> None:
         int8 = backend.decoder.int8_head
         results["lidr"] = (texts, secs, f"HFBackend+run_batched, batch {args.batch_size}, {lidr_dtype}, "
                            f"{backend.decoder.packed_layers} layers packed for oneDNN"
-                           + (", int8 screen of the output layer" if int8 else ""))
+                           + (", int8 screen of the output layer" if int8 else "")
+                           + (", C++ kernels" if kernels.load() is not None else ""))
         if int8:  # built in the warm-up call's first step of several rows: not counted, as model loading
             print(f"lidr: int8 copy of the output layer built in {backend.decoder.int8_build_seconds:.2f} s "
                   f"(in the warm-up, not counted)")

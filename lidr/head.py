@@ -417,6 +417,12 @@ def fingerprint(t: torch.Tensor) -> bytes:
     return h.digest()
 
 
+def _kernels():
+    from lidr import kernels
+
+    return kernels.load()
+
+
 class Int8Head:
     """An int8 copy of a bias-free fp32 or bf16 output layer, for screening the greedy choice of
     decoding steps exactly (several rows for fp32, where one row has the fp16 screen; any for bf16).
@@ -576,12 +582,22 @@ class Int8Head:
         left = torch.cat([h.index_select(1, self.outliers), a, c], 1)
         out = self._rows(len(h))
         chunk_max = h.new_empty(len(h), out.shape[1] // CHUNK)
+        # lidr's C++ kernel does the scaling, the fp32 product's sum and the chunks' maxima in one
+        # pass over each block (lidr/kernels.py); PyTorch's operators in three
+        kernels = _kernels() if h.device.type == "cpu" else None
         for j, i in enumerate(self.blocks):
             if self.engine == "onednn":  # sum_i (q_h q_w) s_v, then times each row's t
                 approx = torch.ops.onednn.qlinear_pointwise(qx, 1.0, 128, *self.packed[j], None, 1.0, 0,
-                                                            torch.float32, "none", [], "").mul_(t)
+                                                            torch.float32, "none", [], "")
+                scale = t
             else:
-                approx = torch.ops.quantized.linear_dynamic(h_rest, self.packed[j], True)
+                approx, scale = torch.ops.quantized.linear_dynamic(h_rest, self.packed[j], True), None
+            if kernels is not None:
+                kernels.module.int8_bounds(approx, None if scale is None else scale.view(-1), left, self.extra,
+                                           out, chunk_max, i, CHUNK)
+                continue
+            if scale is not None:
+                approx.mul_(scale)
             torch.addmm(approx, left, self.extra[:, i:i + self.BLOCK], out=out[:, i:i + approx.shape[1]])
             block = out[:, i:i + self.BLOCK]  # BLOCK is a multiple of CHUNK; the last one ends in the -inf
             chunk_max[:, i // CHUNK:(i + block.shape[1]) // CHUNK] = block.unflatten(1, (-1, CHUNK)).amax(2)

@@ -8,15 +8,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lidr import packed_linear
+from lidr import kernels, packed_linear
 from lidr.backends.decode import _growing, _positions
 from lidr.backends.gemma3_body import Gemma3Body
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-def _model(kv_heads: int, packed: bool, attn: str = "sdpa"):
+def _model(kv_heads: int, packed: bool, attn: str = "sdpa", dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    from lidr.models import cpu_has_fast_bf16
 
     torch.manual_seed(0)
     config = Gemma3TextConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
@@ -28,8 +30,10 @@ def _model(kv_heads: int, packed: bool, attn: str = "sdpa"):
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.normal_(0, 0.5)
+    model.to(dtype)
     if packed and packed_linear.available():
-        packed_linear.pack(model, rows_hint=16, skip=(model.lm_head,), backward=False)
+        dtypes = (torch.float32, torch.bfloat16) if cpu_has_fast_bf16() else (torch.float32,)
+        packed_linear.pack(model, rows_hint=16, skip=(model.lm_head,), backward=False, dtypes=dtypes)
     return model
 
 
@@ -50,10 +54,14 @@ def _both(model, fast, ids, mask, pos, caches):
 
 @pytest.mark.parametrize("kv_heads", [1, 2, 4])
 @pytest.mark.parametrize("packed", [False, True])
-def test_same_bits_as_transformers_on_every_kind_of_forward(kv_heads, packed):
-    model = _model(kv_heads, packed)
-    fast = Gemma3Body.of(model.model)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "bfloat16-eager"])
+def test_same_bits_as_transformers_on_every_kind_of_forward(kv_heads, packed, dtype):
+    """fp32, and bf16 with lidr's C++ kernels for the small operators (where they build: a
+    compiler, lidr/kernels.py) and without them."""
+    model = _model(kv_heads, packed, dtype=getattr(torch, dtype.split("-")[0]))
+    fast = Gemma3Body.of(model.model, fused=not dtype.endswith("eager"))
     assert fast is not None
+    assert fast.fused == (dtype == "bfloat16" and kernels.load() is not None)
     gen = torch.Generator().manual_seed(1)
     ids = lambda rows, n: torch.randint(3, 97, (rows, n), generator=gen)  # noqa: E731
 
@@ -142,15 +150,52 @@ def test_decoder_uses_it_only_where_the_probe_matches(tmp_path, monkeypatch):
     assert ContinuousDecoder(model, tok, {tok.eos_token_id}, packed_weights=False).fast_body is None
 
 
-def test_real_model_same_bits_and_used_by_the_decoder():
+@pytest.mark.skipif(kernels.load() is None, reason="lidr's C++ kernels are not built here")
+def test_decoder_falls_back_from_the_kernels_to_pytorchs_operators(monkeypatch):
+    """A bf16 body whose fused kernels miss the probe's bits is used without them (and a second
+    decoder of that kind takes the answer without checking again); whose PyTorch operators
+    miss them too, not at all."""
+    from lidr.backends import decode, gemma3_body
+    from lidr.backends.decode import ContinuousDecoder
+
+    from tiny import word_tokenizer
+
+    tok = word_tokenizer("the a cat dog sat ran on mat".split())
+    model = _model(1, True, dtype=torch.bfloat16)
+    model.config.bos_token_id = tok.bos_token_id
+    monkeypatch.setattr(decode, "_CHECKED", {})
+    new = lambda: ContinuousDecoder(model, tok, {tok.eos_token_id}, packed_weights=False)  # noqa: E731
+    assert new().fast_body.fused
+
+    fused = gemma3_body._Layer._fused
+    monkeypatch.setattr(gemma3_body._Layer, "_fused", lambda self, h, *a: fused(self, h, *a) * (1 + 2 ** -6))
+    monkeypatch.setattr(decode, "_CHECKED", {})
+    dec = new()
+    assert dec.fast_body is not None and not dec.fast_body.fused
+    checks = []
+    real = ContinuousDecoder._fast_body_matches
+    monkeypatch.setattr(ContinuousDecoder, "_fast_body_matches", lambda self: checks.append(1) or real(self))
+    again = new()
+    assert not checks and again.fast_body is not None and not again.fast_body.fused
+
+    norm = gemma3_body._Norm.__call__
+    monkeypatch.setattr(gemma3_body._Norm, "__call__", lambda self, x: norm(self, x) * (1 + 2 ** -6))
+    monkeypatch.setattr(decode, "_CHECKED", {})
+    assert new().fast_body is None
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_real_model_same_bits_and_used_by_the_decoder(dtype):
     """The embedded gemma-3-270m, as the decoder runs it (packed layers): two demo prompts of
-    different lengths (left padding), then decoding steps, bit for bit."""
+    different lengths (left padding), then decoding steps, bit for bit; in bf16 (lidr run's
+    dtype on a CPU with fast bf16) through lidr's C++ kernels where they build."""
     from lidr.backends.hf import HFBackend
     from lidr.models import resolve_model
 
-    b = HFBackend(resolve_model("gemma-3-270m"), dtype="float32", device="cpu", packed_weights=True)
+    b = HFBackend(resolve_model("gemma-3-270m"), dtype=dtype, device="cpu", packed_weights=True)
     try:
         assert b.decoder.fast_body is not None
+        assert b.decoder.fast_body.fused == (dtype == "bfloat16" and kernels.load() is not None)
         tok, model = b.tokenizer, b.model
         prompts = ["Question: How do I keep bread fresh?\nAnswer:", "Pregunta: ¿Qué verduras son verdes?\nRespuesta:"]
         enc = tok(prompts, add_special_tokens=True, padding=True, return_tensors="pt")

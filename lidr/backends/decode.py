@@ -103,10 +103,10 @@ def as_requests(items, max_new_tokens: int, repetition_penalty: float) -> list[R
 
 
 # The decoder's set-up checks (`_own_head_matches`, `_fast_body_matches`) answer for a kind of
-# model, not for its weights' values: (own head, fast body) by `ContinuousDecoder._checks_key`.
-# A run's models M0, M1, ... are one kind, so each later load skips the two probe forwards
-# (0.1 s for gemma-3-270m).
-_CHECKED: dict[tuple, tuple[bool, bool]] = {}
+# model, not for its weights' values: (own head, which fast body: "fused", "eager" or None) by
+# `ContinuousDecoder._checks_key`. A run's models M0, M1, ... are one kind, so each later load
+# skips the probe forwards (0.1 s for gemma-3-270m).
+_CHECKED: dict[tuple, tuple[bool, str | None]] = {}
 
 
 @dataclass
@@ -160,11 +160,18 @@ class ContinuousDecoder:
         # Gemma 3's body in fewer operator calls (lidr/backends/gemma3_body.py), where it gives
         # the probe's hidden states bit for bit; on a CPU only, where it was measured and tested
         # (on a GPU sdpa may pick another kernel for a mask laid out otherwise than transformers')
+        # With lidr's C++ kernels for its small operators (lidr/kernels.py) first, then without.
         self.fast_body = Gemma3Body.of(self.body) if self.own_head and self.device.type == "cpu" else None
-        if self.fast_body is not None and not (known[1] if known else self._fast_body_matches()):
-            self.fast_body = None
+        if self.fast_body is not None and known:
+            self.fast_body = None if known[1] is None else self.fast_body if known[1] == "fused" else self.fast_body.eager()
+        elif self.fast_body is not None:
+            if self.fast_body.fused and not self._fast_body_matches():
+                self.fast_body = self.fast_body.eager()
+            if not self.fast_body.fused and not self._fast_body_matches():
+                self.fast_body = None
         if key is not None and known is None:
-            _CHECKED[key] = (self.own_head, self.fast_body is not None)
+            _CHECKED[key] = (self.own_head, None if self.fast_body is None else
+                             "fused" if self.fast_body.fused else "eager")
         # The output layer goes through oneDNN too (where we compute it ourselves), but its
         # weight is reordered only at the first step that needs the whole fp32 product
         # (`_packed_head`): with the fp16 and int8 screens that is seldom or never, and packing

@@ -29,9 +29,11 @@ class Gemma3Body:
     """`Gemma3Body.of(body)(ids, mask, positions, cache)` == `body(...).last_hidden_state`."""
 
     @classmethod
-    def of(cls, body: nn.Module) -> "Gemma3Body | None":
+    def of(cls, body: nn.Module, fused: bool = True) -> "Gemma3Body | None":
         """The fast forward of `body` if it is a plain Gemma 3 text model this module knows
-        (sdpa attention, causal, no attention soft-capping), else None."""
+        (sdpa attention, causal, no attention soft-capping), else None. `fused`: its small
+        operators through lidr's C++ kernels where they are built and the weights are bf16
+        (`lidr/kernels.py`; `eager()` gives the same body without them)."""
         try:
             from transformers.models.gemma3 import modeling_gemma3 as g
         except ImportError:
@@ -48,15 +50,33 @@ class Gemma3Body:
                  and set(kinds) <= {"full_attention", "sliding_attention"}
                  and all(type(layer) is g.Gemma3DecoderLayer and type(layer.self_attn) is g.Gemma3Attention
                          and type(layer.mlp) is g.Gemma3MLP for layer in layers))
-        return cls(body, layers) if plain else None
+        return cls(body, layers, fused) if plain else None
 
-    def __init__(self, body: nn.Module, layers: list):
+    def __init__(self, body: nn.Module, layers: list, fused: bool = True):
         cfg = body.config
         self.body = body
         self.layer_types = list(cfg.layer_types[: len(layers)])
         groups = cfg.num_attention_heads // cfg.num_key_value_heads  # query heads per KV head
         self.layers = [_Layer(layer, cfg.head_dim, groups) for layer in layers]
         self.norm = _Norm(body.norm)
+        self.ops = None  # lidr's C++ kernels (lidr/kernels.py), where they are used
+        if fused and body.embed_tokens.weight.dtype == torch.bfloat16 and body.embed_tokens.weight.device.type == "cpu":
+            from lidr import kernels
+
+            self.ops = kernels.load()
+        if self.ops is not None:
+            table = _activation_table(layers[0].mlp.act_fn)
+            for layer, fast in zip(layers, self.layers):
+                fast.fuse(self.ops, table if layer.mlp.act_fn is layers[0].mlp.act_fn else
+                          _activation_table(layer.mlp.act_fn))
+
+    @property
+    def fused(self) -> bool:
+        return self.ops is not None
+
+    def eager(self) -> "Gemma3Body":
+        """The same body with PyTorch's own operators throughout."""
+        return self if self.ops is None else Gemma3Body(self.body, [layer.layer for layer in self.layers], fused=False)
 
     @torch.inference_mode()
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
@@ -69,6 +89,8 @@ class Gemma3Body:
             cos, sin = self.body.rotary_emb(h, positions, kind)
             rotary[kind] = cos.unsqueeze(1), sin.unsqueeze(1)
         keep = _keep(mask, q)
+        if self.ops is not None:  # the fused kernels take cos and sin as [tokens, head_dim]
+            rotary = {kind: tuple(t.reshape(rows * q, -1).contiguous() for t in cs) for kind, cs in rotary.items()}
         for i, (layer, kind) in enumerate(zip(self.layers, self.layer_types)):
             h = layer(h, rotary[kind], keep, cache, i)
         return self.norm(h)
@@ -90,6 +112,8 @@ class _Layer:
     """One Gemma3DecoderLayer: attention and MLP, each between its two norms, with residuals."""
 
     def __init__(self, layer: nn.Module, head_dim: int, groups: int):
+        self.layer = layer
+        self.ops = None  # lidr.kernels.Kernels, after `fuse`
         attn, mlp = layer.self_attn, layer.mlp
         self.head_dim, self.groups = head_dim, groups
         self.q, self.k, self.v, self.o = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
@@ -99,7 +123,14 @@ class _Layer:
                                          layer.pre_feedforward_layernorm, layer.post_feedforward_layernorm)]
         self.scaling = attn.scaling
 
+    def fuse(self, ops, table: torch.Tensor) -> None:
+        """Run the small operators through `ops` (lidr.kernels.Kernels); `table`: the activation of every
+        bf16 value."""
+        self.ops, self.table = ops, table
+
     def __call__(self, h, rotary, keep, cache, index: int) -> torch.Tensor:
+        if self.ops is not None:
+            return self._fused(h, rotary, keep, cache, index)
         rows, q, _ = h.shape
         x = self.norms[0](h)
         # the linear layers' own forward: oneDNN's where the decoder packed them (lidr/packed_linear.py)
@@ -113,6 +144,38 @@ class _Layer:
         x = self.norms[2](h)
         x = self.down.forward(self.act(self.gate.forward(x)) * self.up.forward(x))
         return h + self.norms[3](x)
+
+    def _fused(self, h, rotary, keep, cache, index: int) -> torch.Tensor:
+        """`__call__` with the norms, rotary embeddings, activation and residual sums through
+        the fused kernels (lidr/csrc/gemma3_ops.cpp: the same roundings, so the same bits);
+        the linear layers, the cache and attention as there. `rotary`: cos and sin [tokens, dim]."""
+        ops, lanes, norms = self.ops.module, self.ops.lanes, self.norms
+        rows, q, width = h.shape
+        h = h.reshape(rows * q, width)
+        x = ops.rms_norm(h, norms[0].scale, norms[0].eps, lanes)
+        query, key = self.q.forward(x), self.k.forward(x)
+        query = ops.norm_rope(query, query.shape[1] // self.head_dim, self.q_norm.scale, self.q_norm.eps, *rotary, lanes)
+        key = ops.norm_rope(key, key.shape[1] // self.head_dim, self.k_norm.scale, self.k_norm.eps, *rotary, lanes)
+        query, key, value = (t.view(rows, q, -1, self.head_dim).transpose(1, 2) for t in (query, key, self.v.forward(x)))
+        key, value = cache.update(key, value, index)
+        out = _attention(query, key, value, keep, self.scaling, self.groups)
+        # h + norm1(o), and norm2 of that: the MLP's input
+        h, x = ops.add_norm(h, self.o.forward(out.reshape(rows * q, -1)), norms[1].scale, norms[1].eps,
+                            norms[2].scale, norms[2].eps, lanes)
+        x = self.down.forward(ops.act_mul(self.gate.forward(x), self.up.forward(x), self.table))
+        (h,) = ops.add_norm(h, x, norms[3].scale, norms[3].eps, None, 0.0, lanes)
+        return h.view(rows, q, width)
+
+
+def _activation_table(act) -> torch.Tensor:
+    """`act` of each of the 65,536 bf16 bit patterns, in bit order: the fused kernel looks the
+    activation up, so it has the eager operator's bits by construction."""
+    every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    with torch.inference_mode():
+        values = act(every)
+    # index by the unsigned bit pattern: patterns 0..32767 are the second half of `every`;
+    # float32 (exact) so the kernel reads it without a conversion
+    return torch.cat([values[32768:], values[:32768]]).float().contiguous()
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,25 @@
+// lidr's CPU kernels (built by lidr/kernels.py): what each computes is said where it is defined.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <vector>
+
+namespace lidr {
+
+// gemma3_ops.cpp: Gemma 3's small per-layer operators, with the eager operators' bits
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& scale, double eps, int64_t lanes);
+std::vector<torch::Tensor> add_norm(const torch::Tensor& h, const torch::Tensor& x, const torch::Tensor& scale,
+                                    double eps, const c10::optional<torch::Tensor>& scale2, double eps2,
+                                    int64_t lanes);
+torch::Tensor norm_rope(const torch::Tensor& x, int64_t heads, const torch::Tensor& scale, double eps,
+                        const torch::Tensor& cos, const torch::Tensor& sin, int64_t lanes);
+torch::Tensor act_mul(const torch::Tensor& gate, const torch::Tensor& up, const torch::Tensor& table);
+torch::Tensor row_sum(const torch::Tensor& x, int64_t lanes);
+
+// int8_bounds.cpp: the int8 screen's bounds on a block of the vocabulary (lidr/head.py)
+void int8_bounds(const torch::Tensor& approx, const c10::optional<torch::Tensor>& t, const torch::Tensor& left,
+                 const torch::Tensor& extra, torch::Tensor& out, torch::Tensor& chunk_max, int64_t offset,
+                 int64_t chunk);
+
+}  // namespace lidr

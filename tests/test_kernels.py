@@ -1,0 +1,197 @@
+"""lidr's C++ kernels (lidr/kernels.py, lidr/csrc/): built on this machine, the fused Gemma 3
+operators give the eager operators' bits on every shape and kind of value tried, and the int8
+screen's bounds agree with PyTorch's three passes up to fp32 rounding."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lidr import kernels
+from lidr.backends.gemma3_body import _activation_table, _attention, _Norm, _rotate  # noqa: F401
+
+pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                                reason="no C++ compiler: lidr runs PyTorch's operators")
+
+
+@pytest.fixture(scope="module")
+def ops():
+    """The built kernels: on a machine with a compiler they must build (a failed build would
+    otherwise pass unnoticed as the eager fallback)."""
+    built = kernels.load()
+    assert built is not None, "lidr's C++ kernels did not build (see the log)"
+    return built
+
+
+def eager_norm(x, scale, eps):
+    """lidr's _Norm: Gemma3RMSNorm with (1 + weight) as `scale`."""
+    y = x.float()
+    return (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps) * scale).type_as(x)
+
+
+def bf16_values(shape, gen, kind):
+    """Values of a kind that stresses the roundings: normal, wide-ranging magnitudes, values on
+    bf16's rounding half-way points once squared or scaled, rows of zeros and of one value."""
+    if kind == "normal":
+        return torch.randn(shape, generator=gen).bfloat16()
+    if kind == "wide":
+        return (torch.randn(shape, generator=gen) * torch.exp2(torch.randint(-40, 40, shape, generator=gen))).bfloat16()
+    if kind == "grid":  # few distinct mantissas: many ties and exact sums
+        return (torch.randint(-8, 9, shape, generator=gen).float() / 4).bfloat16()
+    if kind == "constant":
+        return torch.full(shape, 3.0).bfloat16()
+    if kind == "zeros":
+        return torch.zeros(shape, dtype=torch.bfloat16)
+    raise ValueError(kind)
+
+
+KINDS = ["normal", "wide", "grid", "constant", "zeros"]
+
+
+def test_lanes_found_and_sums_equal_torchs(ops):
+    """The vector width the norms sum with gives torch.sum's bits on rows of many lengths (the
+    cascade's levels start past 64 vectors: 4096 and 20000 go through them)."""
+    assert ops.lanes in (8, 16)
+    gen = torch.Generator().manual_seed(0)
+    for n in (8, 15, 16, 17, 64, 100, 256, 640, 1000, 1152, 2048, 4096, 20000):
+        x = torch.randn(16, n, generator=gen).pow(2)
+        assert torch.equal(ops.module.row_sum(x, ops.lanes), x.sum(-1)), n
+    other = 24 - ops.lanes  # the other width: different sums somewhere (the check can fail)
+    x = torch.randn(64, 640, generator=gen).pow(2)
+    assert not torch.equal(ops.module.row_sum(x, other), x.sum(-1))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("kind", KINDS)
+def test_norms_same_bits_as_eager(ops, kind, threads):
+    m, lanes = ops.module, ops.lanes
+    gen = torch.Generator().manual_seed(1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for rows, n in [(1, 640), (3, 640), (32, 640), (300, 640), (7, 256), (5, 64), (2, 1152), (600, 100)]:
+            x = bf16_values((rows, n), gen, kind)
+            h = bf16_values((rows, n), gen, "normal")
+            scale, scale2 = 1 + torch.randn(n, generator=gen) * 0.5, 1 + torch.randn(n, generator=gen) * 0.5
+            eps, eps2 = 1e-6, 1e-5
+            assert torch.equal(m.rms_norm(x, scale, eps, lanes), eager_norm(x, scale, eps))
+            want_h = h + eager_norm(x, scale, eps)
+            got_h, got_x = m.add_norm(h, x, scale, eps, scale2, eps2, lanes)
+            assert torch.equal(got_h, want_h) and torch.equal(got_x, eager_norm(want_h, scale2, eps2))
+            (alone,) = m.add_norm(h, x, scale, eps, None, 0.0, lanes)
+            assert torch.equal(alone, want_h)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_norm_and_rotary_same_bits_and_layout_as_eager(ops, kind):
+    """q/k norm then rotary embedding, as `_Layer` runs them on a projection's output viewed as
+    [rows, heads, positions, dim]: the same values and the same layout."""
+    gen = torch.Generator().manual_seed(2)
+    for rows, q, heads, dim in [(3, 1, 4, 256), (32, 1, 1, 256), (13, 16, 4, 256), (2, 5, 8, 64), (1, 7, 2, 16)]:
+        lin = bf16_values((rows * q, heads * dim), gen, kind)
+        cos = torch.randn(rows, q, dim, generator=gen).bfloat16()
+        sin = torch.randn(rows, q, dim, generator=gen).bfloat16()
+        scale = 1 + torch.randn(dim, generator=gen) * 0.5
+        want = _rotate(eager_norm(lin.view(rows, q, heads, dim).transpose(1, 2), scale, 1e-6),
+                       cos.unsqueeze(1), sin.unsqueeze(1))
+        got = ops.module.norm_rope(lin, heads, scale, 1e-6, cos.view(-1, dim), sin.view(-1, dim), ops.lanes)
+        got = got.view(rows, q, heads, dim).transpose(1, 2)
+        assert got.shape == want.shape  # and the same strides (but on dimensions of size 1)
+        assert all(a == b or n == 1 for a, b, n in zip(got.stride(), want.stride(), got.shape))
+        assert torch.equal(got, want)
+
+
+def test_activation_times_up_same_bits_as_eager(ops):
+    """The activation read from a table of all 65,536 bf16 values, times `up`: gelu (tanh) as
+    Gemma 3 has it, and another activation, on all bit patterns including inf and NaN."""
+    every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    gen = torch.Generator().manual_seed(3)
+    for act in (lambda x: F.gelu(x, approximate="tanh"), F.silu):
+        table = _activation_table(act)
+        up = torch.randn(every.shape, generator=gen).bfloat16()
+        want = act(every) * up
+        got = ops.module.act_mul(every.view(32, -1).contiguous(), up.view(32, -1).contiguous(), table).view(-1)
+        assert torch.equal(got.isnan(), want.isnan())
+        assert torch.equal(got[~got.isnan()], want[~want.isnan()])
+        for rows in (1, 3, 32):
+            g, u = (torch.randn(rows, 2048, generator=gen) * 3).bfloat16(), torch.randn(rows, 2048, generator=gen).bfloat16()
+            assert torch.equal(ops.module.act_mul(g, u, table), act(g) * u)
+
+
+def test_bad_arguments_are_refused_with_a_message(ops):
+    m, lanes = ops.module, ops.lanes
+    x = torch.zeros(2, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        m.rms_norm(x.float(), torch.ones(64), 1e-6, lanes)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        m.rms_norm(x.T, torch.ones(2), 1e-6, lanes)
+    with pytest.raises(RuntimeError, match="scale"):
+        m.rms_norm(x, torch.ones(63), 1e-6, lanes)
+    with pytest.raises(RuntimeError, match="multiple of heads"):
+        m.norm_rope(torch.zeros(3, 64, dtype=torch.bfloat16), 5, torch.ones(16), 1e-6,
+                    torch.zeros(3, 16, dtype=torch.bfloat16), torch.zeros(3, 16, dtype=torch.bfloat16), lanes)
+    with pytest.raises(RuntimeError, match="cos and sin"):
+        m.norm_rope(torch.zeros(3, 64, dtype=torch.bfloat16), 4, torch.ones(16), 1e-6,
+                    torch.zeros(2, 16, dtype=torch.bfloat16), torch.zeros(2, 16, dtype=torch.bfloat16), lanes)
+
+
+def _bounds_in_torch(approx, t, left, extra, out, chunk_max, offset, chunk):
+    """Int8Head.upper's PyTorch passes for one block."""
+    a = approx * t if t is not None else approx.clone()
+    torch.addmm(a, left, extra[:, offset:offset + a.shape[1]], out=out[:, offset:offset + a.shape[1]])
+    block = out[:, offset:offset + -(-a.shape[1] // chunk) * chunk]
+    chunk_max[:, offset // chunk:offset // chunk + block.shape[1] // chunk] = block.unflatten(1, (-1, chunk)).amax(2)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_int8_bounds_agree_with_pytorchs_passes(ops, threads):
+    """The bound block by block, the last one ending inside a chunk (the columns past the
+    vocabulary hold -inf and stay so): values within fp32 rounding of addmm's, each chunk's
+    maximum the largest of its values exactly, other columns untouched."""
+    gen = torch.Generator().manual_seed(4)
+    vocab, chunk, block, k = 5000, 256, 1024, 18
+    width = -(-vocab // chunk) * chunk
+    extra = torch.randn(k, vocab, generator=gen)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for rows in (1, 3, 33):
+            left = torch.randn(rows, k, generator=gen)
+            t = torch.rand(rows, generator=gen) + 0.1
+            outs = [torch.full((rows, width), float("-inf")) for _ in range(2)]
+            maxes = [torch.full((rows, width // chunk), float("nan")) for _ in range(2)]
+            for scaled in (True, False):
+                for i in range(0, vocab, block):
+                    approx = torch.randn(rows, min(block, vocab - i), generator=gen) * 50
+                    ops.module.int8_bounds(approx, t if scaled else None, left, extra, outs[0], maxes[0], i, chunk)
+                    _bounds_in_torch(approx, t[:, None] if scaled else None, left, extra, outs[1], maxes[1], i, chunk)
+                got, want = outs
+                assert torch.isinf(got[:, vocab:]).all() and (got[:, vocab:] < 0).all()
+                assert torch.allclose(got[:, :vocab], want[:, :vocab], rtol=1e-5, atol=1e-4)
+                assert torch.equal(maxes[0], got.unflatten(1, (-1, chunk)).amax(2))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_off_switch_and_a_failed_build_fall_back(monkeypatch, caplog):
+    """LIDR_KERNELS=0 turns them off; a build that fails (no compiler) is logged once and lidr
+    goes on with PyTorch's operators."""
+    monkeypatch.setattr(kernels.load, "__wrapped__", kernels.load.__wrapped__)  # keep the cached build
+    uncached = kernels.load.__wrapped__
+    monkeypatch.setenv("LIDR_KERNELS", "0")
+    assert uncached() is None
+    monkeypatch.setenv("LIDR_KERNELS", "1")
+
+    def no_compiler():
+        raise RuntimeError("Ninja is required to load C++ extensions\nmore")
+
+    monkeypatch.setattr(kernels, "_build", no_compiler)
+    with caplog.at_level(logging.WARNING, logger="lidr.kernels"):
+        assert uncached() is None
+    assert "not built (RuntimeError: Ninja is required" in caplog.text and "more" not in caplog.text
