@@ -15,13 +15,14 @@ from lidr.backends.gemma3_body import Gemma3Body
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-def _model(kv_heads: int, packed: bool, attn: str = "sdpa", dtype: torch.dtype = torch.float32):
+def _model(kv_heads: int, packed: bool, attn: str = "sdpa", dtype: torch.dtype = torch.float32,
+           intermediate: int = 128):
     from transformers import AutoModelForCausalLM, Gemma3TextConfig
 
     from lidr.models import cpu_has_fast_bf16
 
     torch.manual_seed(0)
-    config = Gemma3TextConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+    config = Gemma3TextConfig(vocab_size=97, hidden_size=64, intermediate_size=intermediate, num_hidden_layers=3,
                               num_attention_heads=4, num_key_value_heads=kv_heads, head_dim=16,
                               max_position_embeddings=256, sliding_window=64,
                               layer_types=["sliding_attention", "full_attention", "sliding_attention"])
@@ -104,6 +105,39 @@ def test_same_bits_as_transformers_on_every_kind_of_forward(kv_heads, packed, dt
     check(ids(2, 3), mask, _positions(mask)[:, -3:], caches)
 
 
+@pytest.mark.skipif(kernels.load() is None, reason="lidr's C++ kernels are not built here")
+@pytest.mark.parametrize("threads", [2, 3])
+def test_fused_body_matches_at_activations_eager_computes_two_ways(threads):
+    """Gate values whose activation ATen computes one way in its vectorized loop and another in
+    its scalar loop (gelu tanh at -5.0625), in a prompt of 40 tokens whose [40, 2048] activation
+    three threads split off the vectorized loop's step: the fused body still gives transformers'
+    bits (it runs the eager activation for such a step)."""
+    model = _model(1, True, dtype=torch.bfloat16, intermediate=2048)
+    fast = Gemma3Body.of(model.model)
+    assert fast.fused
+    # the same planted gates for transformers and the fast body, and large `up` values there, so
+    # that the two activations' difference (-0.0 against -1.5e-7) shows in the hidden states
+    for layer in model.model.layers:
+        for linear, value in ((layer.mlp.gate_proj, -5.0625), (layer.mlp.up_proj, 1e6)):
+            plain = linear.forward
+
+            def planted(x, plain=plain, value=value):
+                out = plain(x).clone()
+                out.view(-1)[::50] = value
+                return out
+
+            linear.forward = planted
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ids = torch.randint(3, 97, (1, 40), generator=torch.Generator().manual_seed(2))
+        mask = torch.ones_like(ids)
+        want, got = _both(model, fast, ids, mask, _positions(mask), (_new_cache(model), _new_cache(model)))
+        assert torch.equal(want, got)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_only_plain_gemma3_text_bodies_with_sdpa_get_one():
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -153,8 +187,9 @@ def test_decoder_uses_it_only_where_the_probe_matches(tmp_path, monkeypatch):
 @pytest.mark.skipif(kernels.load() is None, reason="lidr's C++ kernels are not built here")
 def test_decoder_falls_back_from_the_kernels_to_pytorchs_operators(monkeypatch):
     """A bf16 body whose fused kernels miss the probe's bits is used without them (and a second
-    decoder of that kind takes the answer without checking again); whose PyTorch operators
-    miss them too, not at all."""
+    decoder of that kind takes the answer without checking again); a "fused" answer does not
+    stand for the body without the kernels; a body whose PyTorch operators miss them too is not
+    used at all."""
     from lidr.backends import decode, gemma3_body
     from lidr.backends.decode import ContinuousDecoder
 
@@ -177,6 +212,16 @@ def test_decoder_falls_back_from_the_kernels_to_pytorchs_operators(monkeypatch):
     monkeypatch.setattr(ContinuousDecoder, "_fast_body_matches", lambda self: checks.append(1) or real(self))
     again = new()
     assert not checks and again.fast_body is not None and not again.fast_body.fused
+
+    # a "fused" answer, then a decoder without the kernels (not built in that process): its
+    # body without them is checked, not taken on that answer
+    monkeypatch.setattr(gemma3_body._Layer, "_fused", fused)
+    monkeypatch.setattr(decode, "_CHECKED", {})
+    assert new().fast_body.fused and list(decode._CHECKED.values())[0][1] == "fused"
+    checks.clear()
+    monkeypatch.setattr(kernels, "load", lambda: None)
+    without = new()
+    assert checks and without.fast_body is not None and not without.fast_body.fused
 
     norm = gemma3_body._Norm.__call__
     monkeypatch.setattr(gemma3_body._Norm, "__call__", lambda self, x: norm(self, x) * (1 + 2 ** -6))

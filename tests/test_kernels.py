@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from lidr import kernels
-from lidr.backends.gemma3_body import _activation_table, _attention, _Norm, _rotate  # noqa: F401
+from lidr.backends.gemma3_body import _ActivationTable, _rotate
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                                 reason="no C++ compiler: lidr runs PyTorch's operators")
@@ -46,10 +46,22 @@ def bf16_values(shape, gen, kind):
         return torch.full(shape, 3.0).bfloat16()
     if kind == "zeros":
         return torch.zeros(shape, dtype=torch.bfloat16)
+    if kind == "special":  # inf, -inf, NaN, subnormals, squares past float32's range, among normal values
+        x = torch.randn(shape, generator=gen)
+        picks = torch.randint(0, 8, shape, generator=gen)
+        for i, v in enumerate([float("inf"), float("-inf"), float("nan"), 1e-39, -3e-40, 3e19, -1e20]):
+            x[picks == i] = v
+        return x.bfloat16()
     raise ValueError(kind)
 
 
-KINDS = ["normal", "wide", "grid", "constant", "zeros"]
+KINDS = ["normal", "wide", "grid", "constant", "zeros", "special"]
+
+
+def same(a, b) -> bool:
+    """Equal values, NaN where the other has NaN (torch.equal is False for any NaN)."""
+    nan = a.isnan()
+    return torch.equal(nan, b.isnan()) and torch.equal(a[~nan], b[~nan])
 
 
 def test_lanes_found_and_sums_equal_torchs(ops):
@@ -57,7 +69,7 @@ def test_lanes_found_and_sums_equal_torchs(ops):
     cascade's levels start past 64 vectors: 4096 and 20000 go through them)."""
     assert ops.lanes in (8, 16)
     gen = torch.Generator().manual_seed(0)
-    for n in (8, 15, 16, 17, 64, 100, 256, 640, 1000, 1152, 2048, 4096, 20000):
+    for n in (1, 5, 7, 8, 15, 16, 17, 64, 100, 256, 640, 1000, 1152, 2048, 4096, 20000):
         x = torch.randn(16, n, generator=gen).pow(2)
         assert torch.equal(ops.module.row_sum(x, ops.lanes), x.sum(-1)), n
     other = 24 - ops.lanes  # the other width: different sums somewhere (the check can fail)
@@ -73,17 +85,18 @@ def test_norms_same_bits_as_eager(ops, kind, threads):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for rows, n in [(1, 640), (3, 640), (32, 640), (300, 640), (7, 256), (5, 64), (2, 1152), (600, 100)]:
+        for rows, n in [(1, 640), (3, 640), (32, 640), (300, 640), (7, 256), (5, 64), (2, 1152), (600, 100),
+                        (50, 7), (9, 1)]:  # rows shorter than a vector: ATen's scalar sum
             x = bf16_values((rows, n), gen, kind)
             h = bf16_values((rows, n), gen, "normal")
             scale, scale2 = 1 + torch.randn(n, generator=gen) * 0.5, 1 + torch.randn(n, generator=gen) * 0.5
             eps, eps2 = 1e-6, 1e-5
-            assert torch.equal(m.rms_norm(x, scale, eps, lanes), eager_norm(x, scale, eps))
+            assert same(m.rms_norm(x, scale, eps, lanes), eager_norm(x, scale, eps))
             want_h = h + eager_norm(x, scale, eps)
             got_h, got_x = m.add_norm(h, x, scale, eps, scale2, eps2, lanes)
-            assert torch.equal(got_h, want_h) and torch.equal(got_x, eager_norm(want_h, scale2, eps2))
+            assert same(got_h, want_h) and same(got_x, eager_norm(want_h, scale2, eps2))
             (alone,) = m.add_norm(h, x, scale, eps, None, 0.0, lanes)
-            assert torch.equal(alone, want_h)
+            assert same(alone, want_h)
     finally:
         torch.set_num_threads(before)
 
@@ -104,7 +117,7 @@ def test_norm_and_rotary_same_bits_and_layout_as_eager(ops, kind):
         got = got.view(rows, q, heads, dim).transpose(1, 2)
         assert got.shape == want.shape  # and the same strides (but on dimensions of size 1)
         assert all(a == b or n == 1 for a, b, n in zip(got.stride(), want.stride(), got.shape))
-        assert torch.equal(got, want)
+        assert same(got, want)
 
 
 def test_activation_times_up_same_bits_as_eager(ops):
@@ -113,15 +126,50 @@ def test_activation_times_up_same_bits_as_eager(ops):
     every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
     gen = torch.Generator().manual_seed(3)
     for act in (lambda x: F.gelu(x, approximate="tanh"), F.silu):
-        table = _activation_table(act)
+        table = _ActivationTable(act)
         up = torch.randn(every.shape, generator=gen).bfloat16()
-        want = act(every) * up
-        got = ops.module.act_mul(every.view(32, -1).contiguous(), up.view(32, -1).contiguous(), table).view(-1)
-        assert torch.equal(got.isnan(), want.isnan())
-        assert torch.equal(got[~got.isnan()], want[~want.isnan()])
+        got, ambiguous = ops.module.act_mul(every.view(32, -1).contiguous(), up.view(32, -1).contiguous(),
+                                            table.values, table.ambiguous)
+        assert same(got.view(-1), act(every) * up)  # 65,536 values: one thread's vectorized loop
+        assert ambiguous == bool(table.ambiguous.any())
         for rows in (1, 3, 32):
             g, u = (torch.randn(rows, 2048, generator=gen) * 3).bfloat16(), torch.randn(rows, 2048, generator=gen).bfloat16()
-            assert torch.equal(ops.module.act_mul(g, u, table), act(g) * u)
+            got, ambiguous = ops.module.act_mul(g, u, table.values, table.ambiguous)
+            assert torch.equal(got, act(g) * u) or ambiguous and table.scalar_tail(g.numel())
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_activation_values_eager_computes_two_ways_are_flagged(ops, threads):
+    """ATen's gelu (tanh) gives -5.0625 ... -5.15625 one value in its vectorized loop and another
+    in its scalar loop, which runs at the end of each thread's chunk: with 3 threads the chunks
+    of a large tensor end off the vectorized loop's step, and eager's bits at those inputs depend
+    on their position. The table marks them, `act_mul` says when a gate holds one, and where a
+    tensor of that size has a scalar tail at this thread count (asked of ATen), `_Layer._fused`
+    runs the eager operators: the layer's bits are eager's at any thread count."""
+    from transformers.activations import ACT2FN
+
+    act = ACT2FN["gelu_pytorch_tanh"]
+    table = _ActivationTable(act)
+    flagged = torch.arange(65536)[table.ambiguous.bool()].to(torch.int32).to(torch.int16).view(torch.bfloat16)
+    assert set(flagged.tolist()) >= {-5.0625, -5.09375, -5.125, -5.15625}
+    gen = torch.Generator().manual_seed(5)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        tails = []
+        for tokens in (1, 7, 40):
+            gate = (torch.randn(tokens, 2048, generator=gen) * 0.5).bfloat16()  # none near -5
+            up = torch.randn(tokens, 2048, generator=gen).bfloat16()
+            got, hit = ops.module.act_mul(gate, up, table.values, table.ambiguous)
+            assert not hit and torch.equal(got, act(gate) * up)
+            gate.view(-1)[::50] = -5.0625
+            got, hit = ops.module.act_mul(gate, up, table.values, table.ambiguous)
+            tails.append(table.scalar_tail(gate.numel()))
+            assert hit and (torch.equal(got, act(gate) * up) or tails[-1])
+        # 40 x 2048 values split 3 ways: 27,306.67 each, not a multiple of 64
+        assert tails == [False, False, threads == 3]
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_bad_arguments_are_refused_with_a_message(ops):
@@ -133,6 +181,8 @@ def test_bad_arguments_are_refused_with_a_message(ops):
         m.rms_norm(x.T, torch.ones(2), 1e-6, lanes)
     with pytest.raises(RuntimeError, match="scale"):
         m.rms_norm(x, torch.ones(63), 1e-6, lanes)
+    with pytest.raises(RuntimeError, match="lanes must be 8 or 16"):
+        m.rms_norm(x, torch.ones(64), 1e-6, 4)
     with pytest.raises(RuntimeError, match="multiple of heads"):
         m.norm_rope(torch.zeros(3, 64, dtype=torch.bfloat16), 5, torch.ones(16), 1e-6,
                     torch.zeros(3, 16, dtype=torch.bfloat16), torch.zeros(3, 16, dtype=torch.bfloat16), lanes)
@@ -161,7 +211,7 @@ def test_int8_bounds_agree_with_pytorchs_passes(ops, threads):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for rows in (1, 3, 33):
+        for rows in (1, 2, 3, 4, 5, 6, 7, 8, 33):  # 4 rows at a time, and each remainder
             left = torch.randn(rows, k, generator=gen)
             t = torch.rand(rows, generator=gen) + 0.1
             outs = [torch.full((rows, width), float("-inf")) for _ in range(2)]
@@ -180,18 +230,35 @@ def test_int8_bounds_agree_with_pytorchs_passes(ops, threads):
 
 
 def test_off_switch_and_a_failed_build_fall_back(monkeypatch, caplog):
-    """LIDR_KERNELS=0 turns them off; a build that fails (no compiler) is logged once and lidr
-    goes on with PyTorch's operators."""
-    monkeypatch.setattr(kernels.load, "__wrapped__", kernels.load.__wrapped__)  # keep the cached build
-    uncached = kernels.load.__wrapped__
+    """LIDR_KERNELS=0 turns them off; without a compiler, or with a build that fails, lidr logs
+    why (the compiler's error line, not torch's command line) and goes on with PyTorch's
+    operators."""
+    uncached = kernels.load.__wrapped__  # the cached build stays for the other tests
     monkeypatch.setenv("LIDR_KERNELS", "0")
     assert uncached() is None
     monkeypatch.setenv("LIDR_KERNELS", "1")
-
-    def no_compiler():
-        raise RuntimeError("Ninja is required to load C++ extensions\nmore")
-
-    monkeypatch.setattr(kernels, "_build", no_compiler)
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
     with caplog.at_level(logging.WARNING, logger="lidr.kernels"):
         assert uncached() is None
-    assert "not built (RuntimeError: Ninja is required" in caplog.text and "more" not in caplog.text
+    assert "no C++ compiler ('/nonexistent/c++' is not on PATH" in caplog.text
+    monkeypatch.delenv("CXX")
+    caplog.clear()
+
+    def failed():
+        raise RuntimeError("Error building extension 'x': [1/2] c++ -MMD -MF a.o.d -DTORCH_EXTENSION_NAME=x\n"
+                           "a.cpp:3:10: fatal error: Python.h: No such file or directory\ncompilation terminated.")
+
+    monkeypatch.setattr(kernels, "_build", failed)
+    with caplog.at_level(logging.WARNING, logger="lidr.kernels"):
+        assert uncached() is None
+    assert "not built (RuntimeError: a.cpp:3:10: fatal error: Python.h: No such file" in caplog.text
+
+
+def test_a_lock_left_by_a_killed_build_is_removed(ops, caplog):
+    """torch's build lock, left behind by a build that was killed, would make every later load
+    wait forever; lidr removes it (under a lock of its own, which the OS releases with the process)."""
+    stale = kernels.build_directory() / "lock"
+    stale.write_text("")
+    with caplog.at_level(logging.WARNING, logger="lidr.kernels"):
+        assert kernels.load.__wrapped__() is not None
+    assert not stale.exists() and "left by a build that did not finish" in caplog.text

@@ -162,13 +162,15 @@ class ContinuousDecoder:
         # (on a GPU sdpa may pick another kernel for a mask laid out otherwise than transformers')
         # With lidr's C++ kernels for its small operators (lidr/kernels.py) first, then without.
         self.fast_body = Gemma3Body.of(self.body) if self.own_head and self.device.type == "cpu" else None
-        if self.fast_body is not None and known:
+        # a "fused" answer says nothing of the body without the kernels (not built in this process)
+        if self.fast_body is not None and known and (known[1] != "fused" or self.fast_body.fused):
             self.fast_body = None if known[1] is None else self.fast_body if known[1] == "fused" else self.fast_body.eager()
         elif self.fast_body is not None:
             if self.fast_body.fused and not self._fast_body_matches():
                 self.fast_body = self.fast_body.eager()
             if not self.fast_body.fused and not self._fast_body_matches():
                 self.fast_body = None
+            known = None  # checked now: the answer to keep
         if key is not None and known is None:
             _CHECKED[key] = (self.own_head, None if self.fast_body is None else
                              "fused" if self.fast_body.fused else "eager")

@@ -17,6 +17,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -99,6 +100,9 @@ float aten_row_sum_w(const float* x, int64_t n) {
 }
 
 float aten_row_sum(const float* x, int64_t n, int64_t lanes) {
+  // a row shorter than a vector: ATen sums it with scalar loads (scalar_inner_sum), which is the
+  // same cascade over 1-lane "vectors" (its result lands in a zeroed output: 0 + sum, as here)
+  if (n < lanes || lanes == 1) return aten_row_sum_w<1>(x, n);
   return lanes == 16 ? aten_row_sum_w<16>(x, n) : aten_row_sum_w<8>(x, n);
 }
 
@@ -126,9 +130,12 @@ void check(const torch::Tensor& t, int64_t dim, const char* name) {
 }
 
 void check_scale(const torch::Tensor& scale, int64_t n) {
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == n,
-              "scale must be a contiguous float32 vector of ", n);
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == n &&
+                  scale.device().is_cpu(),
+              "scale must be a contiguous float32 CPU vector of ", n);
 }
+
+void check_lanes(int64_t lanes) { TORCH_CHECK(lanes == 8 || lanes == 16, "lanes must be 8 or 16"); }
 
 int64_t grain(int64_t width) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(width, 1)); }
 
@@ -137,6 +144,7 @@ int64_t grain(int64_t width) { return std::max<int64_t>(1, 32768 / std::max<int6
 // norm(x): x [rows, n]
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& scale, double eps, int64_t lanes) {
   check(x, 2, "x");
+  check_lanes(lanes);
   const int64_t rows = x.size(0), n = x.size(1);
   check_scale(scale, n);
   auto out = torch::empty_like(x);
@@ -156,6 +164,7 @@ std::vector<torch::Tensor> add_norm(const torch::Tensor& h, const torch::Tensor&
                                     int64_t lanes) {
   check(h, 2, "h");
   check(x, 2, "x");
+  check_lanes(lanes);
   TORCH_CHECK(h.sizes() == x.sizes(), "h and x must have the same shape");
   const int64_t rows = x.size(0), n = x.size(1);
   check_scale(scale, n);
@@ -192,6 +201,7 @@ torch::Tensor norm_rope(const torch::Tensor& x, int64_t heads, const torch::Tens
   check(x, 2, "x");
   check(cos, 2, "cos");
   check(sin, 2, "sin");
+  check_lanes(lanes);
   const int64_t tokens = x.size(0);
   TORCH_CHECK(heads > 0 && x.size(1) % heads == 0, "x's width must be a multiple of heads");
   const int64_t dim = x.size(1) / heads, half = dim / 2;
@@ -225,22 +235,38 @@ torch::Tensor norm_rope(const torch::Tensor& x, int64_t heads, const torch::Tens
 
 // act(gate) * up, the activation read from `table` (float32): its value for each of the 65,536
 // bf16 bit patterns, computed by the model's own activation (so the same bits by construction).
-torch::Tensor act_mul(const torch::Tensor& gate, const torch::Tensor& up, const torch::Tensor& table) {
+// Where ATen's activation gives one input two values, one in its vectorized loop and another in
+// its scalar loop (gelu's tanh at 4 of the 65,536 values: bench/README.md, round 25), which one
+// an element gets depends on where the threads' chunks end; `ambiguous` marks those inputs, and
+// the second result says whether any gate held one: the caller then runs the eager operators.
+std::tuple<torch::Tensor, bool> act_mul(const torch::Tensor& gate, const torch::Tensor& up,
+                                        const torch::Tensor& table, const torch::Tensor& ambiguous) {
   check(gate, 2, "gate");
   check(up, 2, "up");
   TORCH_CHECK(gate.sizes() == up.sizes(), "gate and up must have the same shape");
-  TORCH_CHECK(table.scalar_type() == at::kFloat && table.is_contiguous() && table.numel() == 65536,
-              "table must be 65536 contiguous float32 values");
+  TORCH_CHECK(table.scalar_type() == at::kFloat && table.is_contiguous() && table.numel() == 65536 &&
+                  table.device().is_cpu(),
+              "table must be 65536 contiguous float32 CPU values");
+  TORCH_CHECK(ambiguous.scalar_type() == at::kByte && ambiguous.is_contiguous() && ambiguous.numel() == 65536 &&
+                  ambiguous.device().is_cpu(),
+              "ambiguous must be 65536 contiguous uint8 CPU values");
   auto out = torch::empty_like(gate);
   const bits* gp = in(gate);
   const bits* up_p = in(up);
   const float* tp = table.data_ptr<float>();
+  const uint8_t* amb = ambiguous.data_ptr<uint8_t>();
   bits* op = out_of(out);
   const int64_t n = gate.numel();
+  std::atomic<bool> hit{false};
   at::parallel_for(0, n, 32768, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) op[i] = rb(tp[gp[i]] * f(up_p[i]));
+    uint8_t any = 0;
+    for (int64_t i = begin; i < end; ++i) {
+      op[i] = rb(tp[gp[i]] * f(up_p[i]));
+      any |= amb[gp[i]];
+    }
+    if (any) hit = true;
   });
-  return out;
+  return {out, hit.load()};
 }
 
 // ATen's sum of each row of x [rows, n] (float32) in the order `aten_row_sum` assumes with
@@ -248,6 +274,7 @@ torch::Tensor act_mul(const torch::Tensor& gate, const torch::Tensor& up, const 
 torch::Tensor row_sum(const torch::Tensor& x, int64_t lanes) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2 && x.device().is_cpu(),
               "x must be a contiguous 2D float32 CPU tensor");
+  TORCH_CHECK(lanes == 1 || lanes == 8 || lanes == 16, "lanes must be 1, 8 or 16");
   auto out = torch::empty({x.size(0)}, x.options());
   for (int64_t r = 0; r < x.size(0); ++r)
     out.data_ptr<float>()[r] = aten_row_sum(x.data_ptr<float>() + r * x.size(1), x.size(1), lanes);

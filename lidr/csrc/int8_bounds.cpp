@@ -87,7 +87,8 @@ void int8_bounds(const torch::Tensor& approx, const c10::optional<torch::Tensor>
               "the block must start at a chunk and its chunks lie in chunk_max");
   const float* tp = nullptr;
   if (t) {
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == rows, "t must be [rows] float32");
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == rows && t->device().is_cpu(),
+                "t must be [rows] float32 on the CPU");
     tp = t->data_ptr<float>();
   }
   const float* ap = approx.data_ptr<float>();

@@ -3,6 +3,7 @@
 
 #include <torch/extension.h>
 
+#include <tuple>
 #include <vector>
 
 namespace lidr {
@@ -14,7 +15,8 @@ std::vector<torch::Tensor> add_norm(const torch::Tensor& h, const torch::Tensor&
                                     int64_t lanes);
 torch::Tensor norm_rope(const torch::Tensor& x, int64_t heads, const torch::Tensor& scale, double eps,
                         const torch::Tensor& cos, const torch::Tensor& sin, int64_t lanes);
-torch::Tensor act_mul(const torch::Tensor& gate, const torch::Tensor& up, const torch::Tensor& table);
+std::tuple<torch::Tensor, bool> act_mul(const torch::Tensor& gate, const torch::Tensor& up,
+                                        const torch::Tensor& table, const torch::Tensor& ambiguous);
 torch::Tensor row_sum(const torch::Tensor& x, int64_t lanes);
 
 // int8_bounds.cpp: the int8 screen's bounds on a block of the vocabulary (lidr/head.py)
