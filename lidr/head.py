@@ -568,23 +568,31 @@ class Int8Head:
         The bounds are written into a buffer kept between calls (valid until the next call): a
         new [32, 262144] one (33.5 MB) was mapped afresh at every step, 8,193 page faults each
         (bench/README.md, round 11)."""
-        h = h.float()
-        h_rest = h.clone()
-        h_rest[:, self.outliers] = 0  # exact in int8 (0 is on the grid): these run in fp32
-        if self.engine == "onednn":  # each row its own scale t, its activations quantized here
-            t = h_rest.abs().amax(1, keepdim=True).div_(127).clamp_(min=torch.finfo(torch.float32).tiny)
-            qx = torch.div(h_rest, t).round_().add_(128).to(torch.uint8)  # |h / t| <= 127
-        else:  # fbgemm quantizes all rows with one scale
-            t = h.new_full((len(h), 1), (max(float(h_rest.max()), 0.0) - min(float(h_rest.min()), 0.0)) / 127)
         margin = 1 + 2 ** -10  # t and s_v as the kernels and the quantizers round them
-        a = t / 2 * margin
-        c = (h_rest.abs().sum(1, keepdim=True) + self.d_rest * t / 2) / 2 * margin
-        left = torch.cat([h.index_select(1, self.outliers), a, c], 1)
-        out = self._rows(len(h))
-        chunk_max = h.new_empty(len(h), out.shape[1] // CHUNK)
-        # lidr's C++ kernel does the scaling, the fp32 product's sum and the chunks' maxima in one
-        # pass over each block (lidr/kernels.py); PyTorch's operators in three
+        # fp32 rounding, each term a few times over: the exact logits (d products of |h||w|),
+        # fbgemm's dequantized output (terms up to 254 t (|w_R|_1 + |R| s_max)) and the sums
+        slack_norm, slack_t = 2 ** -12 * self.max_row_norm, 2 ** -16 * 254 * (self.l1_max + self.d_rest * self.s_max)
+        # lidr's C++ kernels (lidr/kernels.py) prepare the rows in one pass a row, and add the
+        # bounds up in one pass over each block, where PyTorch's operators take ~20 calls and three
         kernels = _kernels() if h.device.type == "cpu" else None
+        if kernels is not None and self.engine == "onednn":
+            qx, t, left, slack = kernels.module.int8_prepare(h.contiguous(), self.outliers, margin, self.d_rest,
+                                                             slack_norm, slack_t)
+        else:
+            h = h.float()
+            h_rest = h.clone()
+            h_rest[:, self.outliers] = 0  # exact in int8 (0 is on the grid): these run in fp32
+            if self.engine == "onednn":  # each row its own scale t, its activations quantized here
+                t = h_rest.abs().amax(1, keepdim=True).div_(127).clamp_(min=torch.finfo(torch.float32).tiny)
+                qx = torch.div(h_rest, t).round_().add_(128).to(torch.uint8)  # |h / t| <= 127
+            else:  # fbgemm quantizes all rows with one scale
+                t = h.new_full((len(h), 1), (max(float(h_rest.max()), 0.0) - min(float(h_rest.min()), 0.0)) / 127)
+            a = t / 2 * margin
+            c = (h_rest.abs().sum(1, keepdim=True) + self.d_rest * t / 2) / 2 * margin
+            left = torch.cat([h.index_select(1, self.outliers), a, c], 1)
+            slack = slack_norm * h.norm(dim=1) + slack_t * t[:, 0]
+        out = self._rows(len(h))
+        chunk_max = out.new_empty(len(h), out.shape[1] // CHUNK)
         for j, i in enumerate(self.blocks):
             if self.engine == "onednn":  # sum_i (q_h q_w) s_v, then times each row's t
                 approx = torch.ops.onednn.qlinear_pointwise(qx, 1.0, 128, *self.packed[j], None, 1.0, 0,
@@ -601,10 +609,6 @@ class Int8Head:
             torch.addmm(approx, left, self.extra[:, i:i + self.BLOCK], out=out[:, i:i + approx.shape[1]])
             block = out[:, i:i + self.BLOCK]  # BLOCK is a multiple of CHUNK; the last one ends in the -inf
             chunk_max[:, i // CHUNK:(i + block.shape[1]) // CHUNK] = block.unflatten(1, (-1, CHUNK)).amax(2)
-        # fp32 rounding, each term a few times over: the exact logits (d products of |h||w|),
-        # fbgemm's dequantized output (terms up to 254 t (|w_R|_1 + |R| s_max)) and the sums
-        slack = (2 ** -12 * self.max_row_norm * h.norm(dim=1)
-                 + 2 ** -16 * t[:, 0] * 254 * (self.l1_max + self.d_rest * self.s_max))
         return out, slack, chunk_max
 
     def _rows(self, rows: int) -> torch.Tensor:

@@ -98,14 +98,15 @@ def _build():
 
 def build_directory() -> Path:
     """Where this machine's build lives. Its name changes with what the build depends on: the
-    sources and flags, the CPU (-march=native), torch (its headers and ABI), Python and the
-    compiler; ninja does not see torch's headers change (system headers to it), so an upgraded
-    torch needs a new name."""
+    sources (their text and where they are: torch rebuilds what it finds built from sources
+    elsewhere, so two checkouts would take turns) and flags, the CPU (-march=native), torch (its
+    headers and ABI), Python and the compiler; ninja does not see torch's headers change (system
+    headers to it), so an upgraded torch needs a new name."""
     from torch.utils import cpp_extension
 
     code = b"".join(p.read_bytes() for p in SOURCES + HEADERS)
-    deps = "\n".join([" ".join(CFLAGS), _cpu(), torch.__version__, str(torch._C._GLIBCXX_USE_CXX11_ABI),
-                      sys.version, os.environ.get("CXX", "c++")])
+    deps = "\n".join([str(SOURCES[0].parent), " ".join(CFLAGS), _cpu(), torch.__version__,
+                      str(torch._C._GLIBCXX_USE_CXX11_ABI), sys.version, os.environ.get("CXX", "c++")])
     name = f"lidr_kernels_{hashlib.sha256(code + deps.encode()).hexdigest()[:12]}"
     return Path(cpp_extension.get_default_build_root()) / "lidr" / name
 

@@ -262,3 +262,30 @@ def test_a_lock_left_by_a_killed_build_is_removed(ops, caplog):
     with caplog.at_level(logging.WARNING, logger="lidr.kernels"):
         assert kernels.load.__wrapped__() is not None
     assert not stale.exists() and "left by a build that did not finish" in caplog.text
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int8_prepare_is_pytorchs_preparation(ops, dtype):
+    """The rows Int8Head.upper hands oneDNN's int8 product (quantized with each row's scale,
+    outlier channels at the zero point) equal PyTorch's; the fp32 side product's columns and
+    the slack agree up to the order of their sums."""
+    gen = torch.Generator().manual_seed(6)
+    d, outliers = 640, torch.tensor([3, 100, 101, 639])
+    for rows in (1, 3, 33):
+        h = (torch.randn(rows, d, generator=gen) * 4).to(dtype)
+        h[:, 100] = 150  # an outlier channel far above the rest
+        if rows > 1:
+            h[1] = 0  # a row of zeros: the smallest scale
+        margin, d_rest, slack_norm, slack_t = 1 + 2 ** -10, d - len(outliers), 0.25, 3.0
+        qx, t, left, slack = ops.module.int8_prepare(h, outliers, margin, d_rest, slack_norm, slack_t)
+        x = h.float()
+        rest = x.clone()
+        rest[:, outliers] = 0
+        want_t = rest.abs().amax(1, keepdim=True).div_(127).clamp_(min=torch.finfo(torch.float32).tiny)
+        assert torch.equal(t, want_t)
+        assert torch.equal(qx, torch.div(rest, want_t).round_().add_(128).to(torch.uint8))
+        a = want_t / 2 * margin
+        c = (rest.abs().sum(1, keepdim=True) + d_rest * want_t / 2) / 2 * margin
+        assert torch.equal(left[:, :len(outliers)], x[:, outliers]) and torch.equal(left[:, -2:-1], a)
+        assert torch.allclose(left[:, -1:], c, rtol=1e-6, atol=0)
+        assert torch.allclose(slack, slack_norm * x.norm(dim=1) + slack_t * want_t[:, 0], rtol=1e-6, atol=0)

@@ -15,7 +15,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <vector>
 
 namespace lidr {
 namespace {
@@ -119,6 +121,71 @@ void int8_bounds(const torch::Tensor& approx, const c10::optional<torch::Tensor>
       }
     }
   });
+}
+
+// Int8Head.upper's preparation of rows h [rows, d] (bf16 or float32) for oneDNN's int8 product, in
+// one pass a row: h_rest = h with the outlier channels zeroed; the row's activation scale
+// t = max|h_rest| / 127 (at least the smallest normal float); qx = round(h_rest / t) + 128 as
+// uint8; left = [h's outlier channels, t / 2 * margin, (|h_rest|_1 + d_rest t / 2) / 2 * margin]
+// for the fp32 product; slack = slack_norm |h| + slack_t t. PyTorch took about 20 operator calls
+// for this. The quantized values are computed as PyTorch computed them; the sums may be added in
+// another order, which the margin covers.
+std::vector<torch::Tensor> int8_prepare(const torch::Tensor& h, const torch::Tensor& outliers, double margin,
+                                        int64_t d_rest, double slack_norm, double slack_t) {
+  TORCH_CHECK(h.dim() == 2 && h.is_contiguous() && h.device().is_cpu() &&
+                  (h.scalar_type() == at::kFloat || h.scalar_type() == at::kBFloat16),
+              "h must be a contiguous 2D float32 or bfloat16 CPU tensor");
+  TORCH_CHECK(outliers.scalar_type() == at::kLong && outliers.dim() == 1 && outliers.is_contiguous() &&
+                  outliers.device().is_cpu(),
+              "outliers must be a contiguous int64 CPU vector");
+  const int64_t rows = h.size(0), d = h.size(1), k = outliers.numel();
+  const int64_t* op = outliers.data_ptr<int64_t>();
+  std::vector<uint8_t> is_outlier(d, 0);
+  for (int64_t i = 0; i < k; ++i) {
+    TORCH_CHECK(op[i] >= 0 && op[i] < d, "outlier channel ", op[i], " out of range");
+    is_outlier[op[i]] = 1;
+  }
+  auto f = h.options().dtype(at::kFloat);
+  auto qx = torch::empty({rows, d}, h.options().dtype(at::kByte));
+  auto t = torch::empty({rows, 1}, f), left = torch::empty({rows, k + 2}, f), slack = torch::empty({rows}, f);
+  const bool bf = h.scalar_type() == at::kBFloat16;
+  const void* hp = h.data_ptr();
+  uint8_t* qp = qx.data_ptr<uint8_t>();
+  float *tp = t.data_ptr<float>(), *lp = left.data_ptr<float>(), *sp = slack.data_ptr<float>();
+  const float m = static_cast<float>(margin);
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> x(d);
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t j = 0; j < d; ++j) {
+        if (bf) {
+          const uint32_t u = static_cast<uint32_t>(static_cast<const uint16_t*>(hp)[r * d + j]) << 16;
+          std::memcpy(&x[j], &u, sizeof(float));
+        } else {
+          x[j] = static_cast<const float*>(hp)[r * d + j];
+        }
+      }
+      double squares = 0, l1 = 0;
+      float amax = 0.f;
+      for (int64_t j = 0; j < d; ++j) {
+        squares += static_cast<double>(x[j]) * x[j];
+        if (is_outlier[j]) continue;
+        const float a = std::fabs(x[j]);
+        l1 += a;
+        amax = a > amax ? a : amax;
+      }
+      const float scale = std::max(amax / 127.0f, std::numeric_limits<float>::min());
+      uint8_t* q = qp + r * d;
+      for (int64_t j = 0; j < d; ++j)
+        q[j] = is_outlier[j] ? uint8_t(128) : static_cast<uint8_t>(std::nearbyint(x[j] / scale) + 128.0f);
+      float* l = lp + r * (k + 2);
+      for (int64_t i = 0; i < k; ++i) l[i] = x[op[i]];
+      l[k] = scale / 2 * m;
+      l[k + 1] = (static_cast<float>(l1) + static_cast<float>(d_rest) * scale / 2) / 2 * m;
+      tp[r] = scale;
+      sp[r] = static_cast<float>(slack_norm * std::sqrt(squares) + slack_t * scale);
+    }
+  });
+  return {qx, t, left, slack};
 }
 
 }  // namespace lidr

@@ -23,5 +23,7 @@ torch::Tensor row_sum(const torch::Tensor& x, int64_t lanes);
 void int8_bounds(const torch::Tensor& approx, const c10::optional<torch::Tensor>& t, const torch::Tensor& left,
                  const torch::Tensor& extra, torch::Tensor& out, torch::Tensor& chunk_max, int64_t offset,
                  int64_t chunk);
+std::vector<torch::Tensor> int8_prepare(const torch::Tensor& h, const torch::Tensor& outliers, double margin,
+                                        int64_t d_rest, double slack_norm, double slack_t);
 
 }  // namespace lidr

@@ -8,4 +8,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("act_mul", &lidr::act_mul, "act(gate) * up through a table of the activation (bf16)");
   m.def("row_sum", &lidr::row_sum, "row sums in ATen's order for a vector width (float32)");
   m.def("int8_bounds", &lidr::int8_bounds, "the int8 screen's bounds and chunk maxima on a vocabulary block");
+  m.def("int8_prepare", &lidr::int8_prepare, "rows quantized for the int8 screen, with its fp32 side and slack");
 }
