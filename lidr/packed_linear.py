@@ -72,6 +72,7 @@ def _packed_forward(layer: nn.Linear, forward_w, backward_w):
         else:
             y = linear(x2, forward_w, layer.bias)
         return y.view(*shape[:-1], y.shape[-1])
+    forward.packed = forward_w  # Gemma3Body's fused layers call the product straight (`_linear` there)
     return forward
 
 
