@@ -200,8 +200,10 @@ def workload(args) -> tuple[float, int, int, float]:
     from lidr.templates import choose_format
 
     path = resolve_model(args.model)
-    shipped = HFBackend(path)
-    half = HFBackend(path, packed_weights=False)
+    # fp32 both: fbgemm's fp16 product takes fp32 activations (`dtype: auto` is bf16 on a CPU
+    # with fast bf16, where this script failed from round 17 on until round 25)
+    shipped = HFBackend(path, dtype="float32")
+    half = HFBackend(path, dtype="float32", packed_weights=False)
     pack_seconds = to_fp16(half)
     items = common.demo_items(choose_format(shipped.tokenizer, "auto"), args.n)
     print(f"\n(3) workload: {len(items)} prompts, penalty {args.repetition_penalty}, up to {args.max_new_tokens} "

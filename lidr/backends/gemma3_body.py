@@ -12,6 +12,12 @@ transformers' bit for bit (tests/test_gemma3_body.py compares them on every path
 takes); the decoder checks that once more on its probe before using it, on a CPU
 (`ContinuousDecoder.__init__`).
 
+For bf16 weights, where lidr's C++ kernels are built (lidr/kernels.py), the norms, rotary
+embeddings, activation and residual sums run fused (`_Layer._fused`): the same roundings in the
+same order, so the same bits again, and 15-20 % less time per layer (bench/README.md, round 25).
+`Gemma3Body.eager()` is the same body without them, which the decoder falls back to where the
+fused one misses its probe.
+
 It serves only what the decoder does: inference, sdpa attention, a 2D padding mask and a
 KV cache that holds the whole sequence (every sliding-window layer still within its window;
 the decoder falls back to transformers' forward otherwise). Forward hooks on the body's
