@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "torch==2.13.0"
 	$(BIN)/python -m pip install -q -e .
-	$(BIN)/python -m lidr.kernels  # lidr's C++ kernels, built for this CPU now, not in the first run (~40 s)
+	$(BIN)/python -m lidr.kernels  # lidr's C++ kernels, built for this CPU now, not in the first run (~35 s)
 	touch $(STAMP)
 
 # The tests also need pytest and llama-cpp-python's server (a real OpenAI-compatible

@@ -11,7 +11,7 @@ rather than on the weights (bench/README.md, round 25):
   (lidr/head.py, `Int8Head.upper`) in one.
 
 They are compiled by `torch.utils.cpp_extension` (with ninja, a dependency of lidr) at the first
-`load()` on a machine (about 40 s; `make setup` does it, as does `python -m lidr.kernels`) for that
+`load()` on a machine (about 35 s; `make setup` does it, as does `python -m lidr.kernels`) for that
 CPU (-march=native), into `TORCH_EXTENSIONS_DIR` (default ~/.cache/torch_extensions)/lidr/, under
 a name that changes with the sources, the flags, the CPU, torch, Python and the compiler. Where
 they cannot be built (no C++ compiler or Python headers) or the norms would not reproduce ATen's
@@ -26,6 +26,7 @@ import functools
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import sys
 from dataclasses import dataclass
@@ -105,7 +106,10 @@ def build_directory() -> Path:
     from torch.utils import cpp_extension
 
     code = b"".join(p.read_bytes() for p in SOURCES + HEADERS)
-    deps = "\n".join([str(SOURCES[0].parent), " ".join(CFLAGS), _cpu(), torch.__version__,
+    from lidr.models import cpu_flags
+
+    cpu = " ".join(sorted(cpu_flags())) or platform.machine()  # -march=native builds for these
+    deps = "\n".join([str(SOURCES[0].parent), " ".join(CFLAGS), cpu, torch.__version__,
                       str(torch._C._GLIBCXX_USE_CXX11_ABI), sys.version, os.environ.get("CXX", "c++")])
     name = f"lidr_kernels_{hashlib.sha256(code + deps.encode()).hexdigest()[:12]}"
     return Path(cpp_extension.get_default_build_root()) / "lidr" / name
@@ -133,18 +137,6 @@ def _reason(e: Exception) -> str:
     command line, and the compiler's own "error:" lines follow."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     return next((ln for ln in lines if "error:" in ln.lower() and len(ln) < 300), lines[0][:300] if lines else "")
-
-
-def _cpu() -> str:
-    """The CPU's model and feature flags (Linux), else what `platform` knows of it: a cache
-    shared by machines of different CPUs keeps one build for each."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return "\n".join(next((ln for ln in lines if ln.startswith(k)), "") for k in ("model name", "flags"))
-    except OSError:
-        import platform
-
-        return platform.processor() or platform.machine()
 
 
 def _lanes(module) -> int | None:

@@ -289,3 +289,21 @@ def test_int8_prepare_is_pytorchs_preparation(ops, dtype):
         assert torch.equal(left[:, :len(outliers)], x[:, outliers]) and torch.equal(left[:, -2:-1], a)
         assert torch.allclose(left[:, -1:], c, rtol=1e-6, atol=0)
         assert torch.allclose(slack, slack_norm * x.norm(dim=1) + slack_t * want_t[:, 0], rtol=1e-6, atol=0)
+
+
+def test_one_activation_table_for_modules_that_compute_the_same_function():
+    """Each MLP has its own activation module: modules of one class and attributes share one table
+    (transformers' GELUTanh keeps a new functools.partial in each); other attributes or classes,
+    or a module with parameters, get their own."""
+    from transformers.activations import ACT2FN
+
+    from lidr.backends.gemma3_body import _activation_table
+
+    a, b = ACT2FN["gelu_pytorch_tanh"], ACT2FN["gelu_pytorch_tanh"]
+    assert a is not b and _activation_table(a) is _activation_table(b)
+    tanh, exact = torch.nn.GELU(approximate="tanh"), torch.nn.GELU()
+    assert _activation_table(tanh) is not _activation_table(exact)
+    assert not torch.equal(_activation_table(tanh).values, _activation_table(exact).values)
+    assert _activation_table(tanh) is not _activation_table(a)  # another class: its own table
+    prelu = torch.nn.PReLU().bfloat16()  # a parameter: never shared
+    assert _activation_table(prelu) is not _activation_table(torch.nn.PReLU().bfloat16())

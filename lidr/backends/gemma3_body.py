@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lidr import packed_linear
+
 
 class Gemma3Body:
     """`Gemma3Body.of(body)(ids, mask, positions, cache)` == `body(...).last_hidden_state`."""
@@ -71,13 +73,8 @@ class Gemma3Body:
 
             self.ops = kernels.load()
         if self.ops is not None:
-            tables: list[_ActivationTable] = []  # each layer has its own activation module, mostly alike
             for layer, fast in zip(layers, self.layers):
-                table = _ActivationTable(layer.mlp.act_fn)
-                same = next((t for t in tables if t.same(table)), None)
-                if same is None:
-                    tables.append(table)
-                fast.fuse(self.ops, same or table)
+                fast.fuse(self.ops, _activation_table(layer.mlp.act_fn))
 
     @property
     def fused(self) -> bool:
@@ -186,10 +183,33 @@ def _linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     packed = getattr(vars(layer).get("forward"), "packed", None)  # a forward set since is called
     if packed is None:
         return layer.forward(x)
-    return _LINEAR(x, packed, layer.bias, "none", [], "")
+    return packed_linear.linear(x, packed, layer.bias)
 
 
-_LINEAR = torch.ops.mkldnn._linear_pointwise.default if hasattr(torch.ops.mkldnn, "_linear_pointwise") else None
+# Tables made so far, by what decides an activation module's function (`_activation_key`): each
+# layer has its own module (transformers makes one per MLP), and a table takes about 2 ms.
+_TABLES: dict[tuple, "_ActivationTable"] = {}
+_MODULE_STATE = frozenset(vars(nn.Module()))  # what every module has: hooks, flags, registries
+
+
+def _activation_table(act) -> "_ActivationTable":
+    """The table of `act`: one made for an activation of the same class and attributes, else a new one."""
+    key = _activation_key(act)
+    if key is None:
+        return _ActivationTable(act)
+    if key not in _TABLES:
+        _TABLES[key] = _ActivationTable(act)
+    return _TABLES[key]
+
+
+def _activation_key(act) -> tuple | None:
+    """An activation module's class and its own attributes (as text: transformers' GELUTanh keeps a
+    `functools.partial`, a new object in every module), where it has no parameters, buffers or
+    submodules; None (no sharing) otherwise."""
+    if (not isinstance(act, nn.Module) or next(act.parameters(), None) is not None
+            or next(act.buffers(), None) is not None or next(act.children(), None) is not None):
+        return None
+    return type(act), tuple(sorted((k, repr(v)) for k, v in vars(act).items() if k not in _MODULE_STATE))
 
 
 class _ActivationTable:
@@ -200,10 +220,10 @@ class _ActivationTable:
     ATen runs the last elements of each thread's chunk of a tensor (numel / threads of them, a
     multiple of its vectorized loop's 64 or not) through a scalar loop, and gelu's tanh there
     differs from the vectorized one at -5.0625 ... -5.15625 (-0.0 against -1.5e-7; found in
-    review, bench/README.md round 25). `ambiguous` marks such inputs (uint8). A step whose gates
-    hold one is exact from the table only where no element of a tensor of its size goes through
-    the scalar loop at this thread count (`scalar_tail`): on 2 threads and gemma-3-270m's widths
-    never, and about a quarter of the generate workload's steps hold one."""
+    review, bench/README.md round 25). `ambiguous` marks such inputs (uint8). A layer's gates that
+    hold one are exact from the table only where no element of a tensor of their size goes
+    through the scalar loop at this thread count (`scalar_tail`): on 2 threads and gemma-3-270m's
+    widths never; 27 % of the generate workload's layer calls held one."""
 
     def __init__(self, act):
         every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
@@ -219,9 +239,6 @@ class _ActivationTable:
         self.probe = every[differs][:1]  # an input with two answers, if there is one
         self.probe_vectorized = vectorized[differs][:1]
         self._tails: dict[tuple[int, int], bool] = {}
-
-    def same(self, other: "_ActivationTable") -> bool:
-        return torch.equal(self.values, other.values) and torch.equal(self.ambiguous, other.ambiguous)
 
     def scalar_tail(self, numel: int) -> bool:
         """Does ATen's activation of a contiguous tensor of `numel` values, on this many threads,

@@ -19,30 +19,10 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <cstring>
 #include <vector>
 
 namespace lidr {
 namespace {
-
-// bf16 values as their bit patterns: widening is exact, narrowing rounds to nearest even (NaN
-// to the quiet NaN), as c10::BFloat16 and ATen's vectorized conversions do. Written as plain bit
-// operations so the compiler can vectorize the loops.
-using bits = uint16_t;
-
-inline float f(bits b) {
-  const uint32_t u = static_cast<uint32_t>(b) << 16;
-  float x;
-  std::memcpy(&x, &u, sizeof(x));
-  return x;
-}
-
-inline bits rb(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof(u));
-  const bits r = static_cast<bits>((u + UINT32_C(0x7FFF) + ((u >> 16) & 1)) >> 16);
-  return x != x ? bits(0x7FC0) : r;
-}
 
 inline const bits* in(const torch::Tensor& t) { return reinterpret_cast<const bits*>(t.data_ptr<at::BFloat16>()); }
 inline bits* out_of(torch::Tensor& t) { return reinterpret_cast<bits*>(t.data_ptr<at::BFloat16>()); }
@@ -111,14 +91,14 @@ float aten_row_sum(const float* x, int64_t n, int64_t lanes) {
 inline void norm_row(const bits* x, const float* scale, float eps, int64_t n, int64_t lanes, float* sq,
                      bits* out) {
   for (int64_t d = 0; d < n; ++d) {
-    const float y = f(x[d]);
+    const float y = widen(x[d]);
     sq[d] = y * y;  // pow(2)
   }
   const float mean = aten_row_sum(sq, n, lanes) / static_cast<float>(n);  // mean = sum(...).div_(n)
   const float r = 1.0f / std::sqrt(mean + eps);                              // rsqrt(mean + eps)
   for (int64_t d = 0; d < n; ++d) {
-    const float t = f(x[d]) * r;
-    out[d] = rb(t * scale[d]);
+    const float t = widen(x[d]) * r;
+    out[d] = narrow(t * scale[d]);
   }
 }
 
@@ -182,7 +162,7 @@ std::vector<torch::Tensor> add_norm(const torch::Tensor& h, const torch::Tensor&
     std::vector<bits> nx(n);
     for (int64_t r = begin; r < end; ++r) {
       norm_row(xp + r * n, sp, float(eps), n, lanes, sq.data(), nx.data());
-      for (int64_t d = 0; d < n; ++d) op[r * n + d] = rb(f(hp[r * n + d]) + f(nx[d]));  // h + norm(x)
+      for (int64_t d = 0; d < n; ++d) op[r * n + d] = narrow(widen(hp[r * n + d]) + widen(nx[d]));  // h + norm(x)
       if (s2p) norm_row(op + r * n, s2p, float(eps2), n, lanes, sq.data(), np + r * n);
     }
   });
@@ -225,9 +205,9 @@ torch::Tensor norm_rope(const torch::Tensor& x, int64_t heads, const torch::Tens
       const bits* s = snp + t * dim;
       bits* o = op + i * dim;
       for (int64_t d = 0; d < half; ++d)  // rotate_half(z)[d] = -z[d + half]
-        o[d] = rb(f(rb(f(z[d]) * f(c[d]))) + f(rb(-f(z[d + half]) * f(s[d]))));
+        o[d] = narrow(widen(narrow(widen(z[d]) * widen(c[d]))) + widen(narrow(-widen(z[d + half]) * widen(s[d]))));
       for (int64_t d = half; d < dim; ++d)  // rotate_half(z)[d] = z[d - half]
-        o[d] = rb(f(rb(f(z[d]) * f(c[d]))) + f(rb(f(z[d - half]) * f(s[d]))));
+        o[d] = narrow(widen(narrow(widen(z[d]) * widen(c[d]))) + widen(narrow(widen(z[d - half]) * widen(s[d]))));
     }
   });
   return out;
@@ -261,7 +241,7 @@ std::tuple<torch::Tensor, bool> act_mul(const torch::Tensor& gate, const torch::
   at::parallel_for(0, n, 32768, [&](int64_t begin, int64_t end) {
     uint8_t any = 0;
     for (int64_t i = begin; i < end; ++i) {
-      op[i] = rb(tp[gp[i]] * f(up_p[i]));
+      op[i] = narrow(tp[gp[i]] * widen(up_p[i]));
       any |= amb[gp[i]];
     }
     if (any) hit = true;

@@ -15,7 +15,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -157,12 +156,7 @@ std::vector<torch::Tensor> int8_prepare(const torch::Tensor& h, const torch::Ten
     std::vector<float> x(d);
     for (int64_t r = begin; r < end; ++r) {
       for (int64_t j = 0; j < d; ++j) {
-        if (bf) {
-          const uint32_t u = static_cast<uint32_t>(static_cast<const uint16_t*>(hp)[r * d + j]) << 16;
-          std::memcpy(&x[j], &u, sizeof(float));
-        } else {
-          x[j] = static_cast<const float*>(hp)[r * d + j];
-        }
+        x[j] = bf ? widen(static_cast<const bits*>(hp)[r * d + j]) : static_cast<const float*>(hp)[r * d + j];
       }
       double squares = 0, l1 = 0;
       float amax = 0.f;

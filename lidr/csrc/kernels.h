@@ -3,10 +3,32 @@
 
 #include <torch/extension.h>
 
+#include <cstdint>
+#include <cstring>
+
 #include <tuple>
 #include <vector>
 
 namespace lidr {
+
+// bf16 values as their bit patterns: widening is exact; narrowing rounds to nearest even, as
+// c10::BFloat16 and ATen's conversions do (a NaN becomes 0x7FC0, where ATen's vectorized
+// conversion writes 0xFFFF: a NaN either way). Plain bit operations, so loops vectorize.
+using bits = uint16_t;
+
+inline float widen(bits b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float x;
+  std::memcpy(&x, &u, sizeof(x));
+  return x;
+}
+
+inline bits narrow(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  const bits r = static_cast<bits>((u + UINT32_C(0x7FFF) + ((u >> 16) & 1)) >> 16);
+  return x != x ? bits(0x7FC0) : r;
+}
 
 // gemma3_ops.cpp: Gemma 3's small per-layer operators, with the eager operators' bits
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& scale, double eps, int64_t lanes);
