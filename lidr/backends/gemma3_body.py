@@ -14,7 +14,7 @@ takes); the decoder checks that once more on its probe before using it, on a CPU
 
 For bf16 weights, where lidr's C++ kernels are built (lidr/kernels.py), the norms, rotary
 embeddings, activation and residual sums run fused (`_Layer._fused`): the same roundings in the
-same order, so the same bits again, and 15-20 % less time per layer (bench/README.md, round 25).
+same order, so the same bits again, and 19-21 % less time per layer (bench/README.md, round 25).
 `Gemma3Body.eager()` is the same body without them, which the decoder falls back to where the
 fused one misses its probe.
 
